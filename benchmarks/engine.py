@@ -1,0 +1,77 @@
+"""Seconds per image of the Explainer against a plain inference forward, measured interleaved.
+
+    python benchmarks/engine.py [--models resnet50 vgg16] [--batch 8] [--rounds 5] [--device cpu]
+
+Random weights, 224x224. Each round times every variant once, in turn, so that drift in the
+machine's load hits all of them alike; the table reports the median over rounds.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+
+from hirescam_cli import METHODS, Explainer
+
+VARIANTS = {
+    "hirescam+gradcam top-1": (("hirescam", "gradcam"), 1),
+    "all six methods top-1": (tuple(METHODS), 1),
+    "hirescam+gradcam top-5": (("hirescam", "gradcam"), 5),
+}
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall seconds of one call, synchronised on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
+    """Print one model's table."""
+    model = torchvision.models.get_model(arch).to(device).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device)
+
+    def plain():
+        with torch.inference_mode():
+            model(x)
+
+    with Explainer(model) as explainer:
+        calls = {"plain inference forward": plain}
+        for name, (methods, k) in VARIANTS.items():
+            calls[name] = lambda m=methods, k=k: explainer(x, methods=m, top_k=k)
+        for fn in calls.values():  # warm up, and let the Explainer probe its head once
+            fn()
+        times = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                times[name].append(timed(fn, device) / batch)
+        layer = explainer.target_layer
+    base = statistics.median(times["plain inference forward"])
+    print(f"\n{arch} (target layer {layer}, batch {batch}, {device}, median of {rounds})")
+    print(f"{'variant':28s} {'s/image':>9s} {'ratio':>7s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:28s} {median:9.4f} {median / base:6.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for arch in args.models:
+        bench(arch, args.batch, args.rounds, torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()

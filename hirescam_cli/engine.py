@@ -1,0 +1,336 @@
+"""The one-pass capture: one forward and one batched gradient give every CAM method's map."""
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import layers
+from .methods import check_methods, compute
+
+_PROBE_SEED = 0
+
+# Autograd nodes that are linear in each input; for the products, in one input at a time.
+_LINEAR_NODES = {
+    "AddBackward0",
+    "AddBackward1",
+    "SubBackward0",
+    "SubBackward1",
+    "NegBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "PermuteBackward0",
+    "TBackward0",
+    "TransposeBackward0",
+    "ExpandBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "UnsqueezeBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "SliceBackward0",
+    "SelectBackward0",
+    "CatBackward0",
+    "StackBackward0",
+    "SplitBackward0",
+    "UnbindBackward0",
+    "IndexBackward0",
+    "GatherBackward0",
+    "MeanBackward0",
+    "MeanBackward1",
+    "SumBackward0",
+    "SumBackward1",
+    "AvgPool2DBackward0",
+    "AdaptiveAvgPool2DBackward0",
+    "NativeBatchNormBackward0",
+    "CudnnBatchNormBackward0",
+    "MulBackward1",
+    "DivBackward1",
+}
+_PRODUCT_NODES = {
+    "MulBackward0",
+    "MmBackward0",
+    "BmmBackward0",
+    "AddmmBackward0",
+    "AddmvBackward0",
+    "MvBackward0",
+    "ConvolutionBackward0",
+    "CudnnConvolutionBackward0",
+    "LinearBackward0",
+}
+
+
+@dataclass
+class Explanation:
+    """What one call of an Explainer returns; every tensor has batch size B first."""
+
+    maps: dict[str, Tensor]  # method -> raw float32 map (B, T, h, w), signed, unnormalised
+    classes: Tensor  # (B, T) long: the explained classes
+    scores: Tensor  # (B, T) float32: their logits
+    logits: Tensor  # (B, C) float32: all logits
+    valid: Tensor  # (B, T) bool: False marks padding where images have fewer targets
+    completeness_gap: Tensor  # (B, T): (score - baseline) - sum(HiResCAM); 0 under the guarantee
+    baseline: Tensor  # (B, T): the score with the target layer's output set to zero
+    guarantee: bool  # the head after the layer is affine, so HiResCAM sums to score - baseline
+    target_layer: str
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the probe found about the computation from the target layer to the logits."""
+
+    affine: bool
+    baseline: Tensor  # (C,) logits at a zero activation
+
+
+class Explainer:
+    """HiResCAM, Grad-CAM and the gradient family for one model, from a single pass.
+
+    Build once per model, call on batches. The model is put in eval mode with frozen
+    parameters while the Explainer is open; `close()` (or leaving the `with` block) restores it.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: str = "auto", amp: bool = False):
+        self.model = model
+        self.amp = amp
+        self.target_layer = target_layer
+        if target_layer != "auto":
+            layers.get_module(model, target_layer)
+        self._heads: dict[tuple[int, ...], _Head] = {}
+        self._saved = [(p, p.requires_grad) for p in model.parameters()]
+        self._was_training = model.training
+        for param, _ in self._saved:
+            param.requires_grad_(False)
+        model.eval()
+
+    def __enter__(self) -> "Explainer":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the model back as it was: parameter flags and training mode."""
+        for param, flag in self._saved:
+            param.requires_grad_(flag)
+        self.model.train(self._was_training)
+
+    def __call__(
+        self,
+        x: Tensor,
+        methods: Sequence[str] | str = ("hirescam", "gradcam"),
+        top_k: int = 1,
+        classes: int | Sequence[int] | Tensor | None = None,
+        threshold: float | None = None,
+    ) -> Explanation:
+        """Explain a batch x (B, C, H, W): top-k classes, given classes, or all above a threshold."""
+        names = check_methods(methods)
+        self._check_input(x)
+        if classes is not None and threshold is not None:
+            raise ValueError("give either classes or threshold, not both")
+        leaf, logits = self._forward(x)
+        head = self._head(x, logits)
+        targets, valid = _targets(logits.detach(), top_k, classes, threshold)
+        scores = logits.gather(1, targets)
+        grads = self._gradients(scores, leaf, valid)
+        acts = leaf.detach()
+        maps = compute(tuple(dict.fromkeys(("hirescam", *names))), acts, grads)
+        scores = scores.detach().float()
+        baseline = head.baseline.to(scores.device)[targets]
+        gap = (scores - baseline) - maps["hirescam"].sum((-2, -1))
+        if "hirescam" not in names:
+            del maps["hirescam"]
+        return Explanation(
+            maps=maps,
+            classes=targets,
+            scores=scores,
+            logits=logits.detach().float(),
+            valid=valid,
+            completeness_gap=gap,
+            baseline=baseline,
+            guarantee=head.affine,
+            target_layer=self.target_layer,
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"input must be a (B, C, H, W) tensor; got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"input must be floating point; got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError("input batch is empty")
+        if torch.is_inference_mode_enabled():
+            raise ValueError("cannot explain inside torch.inference_mode(): gradients are needed")
+        if self.target_layer == "auto":
+            self.target_layer = layers.choose_auto(layers.trace_layers(self.model, x[:1]))
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _run_with(self, x: Tensor, replace) -> tuple[Tensor, list[Tensor]]:
+        """Forward x with a hook that maps the target layer's output through `replace`."""
+        module = layers.get_module(self.model, self.target_layer)
+        outputs: list[Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
+            if not isinstance(output, Tensor) or output.ndim != 4:
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"target layer {self.target_layer!r} outputs {shape}, not a (B, K, h, w) "
+                    "map; choose a convolutional layer (see `hirescam layers`)"
+                )
+            outputs.append(output)
+            return replace(output)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        if len(outputs) > 1:
+            raise ValueError(self._called_twice_message(x, len(outputs)))
+        if not outputs:
+            raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"the model must return (B, num_classes) logits; got {shape}")
+        return logits, outputs
+
+    def _called_twice_message(self, x: Tensor, calls: int) -> str:
+        parent = layers.enclosing_once(layers.trace_layers(self.model, x[:1]), self.target_layer)
+        fix = f"use {parent!r}, which runs once" if parent else "choose a module that runs once"
+        return (
+            f"target layer {self.target_layer!r} is called {calls} times in one forward, so its "
+            f"activations and gradients cannot be paired; {fix}"
+        )
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The real pass: the target's output becomes a leaf, so autograd records only the head."""
+        leaves: list[Tensor] = []
+
+        def to_leaf(output: Tensor) -> Tensor:
+            leaf = output.detach().requires_grad_()
+            leaves.append(leaf)
+            return leaf.clone()  # later in-place ops then touch the clone, never the leaf
+
+        with torch.enable_grad(), self._autocast(x.device):
+            logits, _ = self._run_with(x, to_leaf)
+        return leaves[0], logits
+
+    def _gradients(self, scores: Tensor, leaf: Tensor, valid: Tensor) -> Tensor:
+        """d score / d A for all T targets in one (batched) backward: (B, T, K, h, w)."""
+        batch, count = scores.shape
+        if count == 0:
+            return leaf.new_zeros((batch, 0, *leaf.shape[1:]))
+        if not scores.requires_grad:
+            raise ValueError(f"the class scores do not depend on target layer {self.target_layer!r}")
+        eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
+        seeds = eye[:, None, :] * valid.T[:, :, None]  # (T, B, T): target t's one-hot, masked
+        if count == 1:
+            (grad,) = torch.autograd.grad(scores, leaf, seeds[0])
+            return grad.unsqueeze(1)
+        (grad,) = torch.autograd.grad(scores, leaf, seeds, is_grads_batched=True)
+        return grad.movedim(0, 1)
+
+    def _head(self, x: Tensor, logits: Tensor) -> _Head:
+        """Decide once per input shape whether logits are affine in the target's output.
+
+        Affine means: every autograd node from the target to the logits is linear in it (an
+        exact check of the recorded graph), and a probe at random activations confirms
+        additivity and a baseline f(0) that does not depend on the input.
+        """
+        key = tuple(x.shape[1:])
+        if key not in self._heads:
+            probe = self._probe_head(x[:1])
+            affine = probe.affine and _graph_is_linear(logits.grad_fn)
+            self._heads[key] = _Head(affine=affine, baseline=probe.baseline)
+        return self._heads[key]
+
+    def _probe_head(self, x: Tensor) -> _Head:
+        """Test additivity, odd symmetry and independence from the input numerically."""
+        with torch.inference_mode():
+            _, (act,) = self._run_with(x, lambda out: out)
+            generator = torch.Generator().manual_seed(_PROBE_SEED)
+            scale = act.float().std().clamp_min(1e-3)
+            r1, r2 = (torch.randn(act.shape, generator=generator) * scale for _ in range(2))
+            r1, r2 = r1.to(act), r2.to(act)
+            zero = torch.zeros_like(act)
+            stacked = torch.cat([zero, r1, r2, r1 + r2, -r1, zero])
+            inputs = torch.cat([x, x, x, x, x, torch.flip(x, dims=(-1,)) * 0.5 + 0.1])
+            logits, _ = self._run_with(inputs, lambda out: stacked)
+        f0, f1, f2, f12, fneg, f0_other = logits.double()
+        d1, d2 = f1 - f0, f2 - f0
+        tol = 1e-4 * float(torch.stack([f0, d1, d2]).abs().max()) + 1e-6
+        affine = all(
+            float(err.abs().max()) <= tol for err in (f12 - f0 - d1 - d2, fneg - f0 + d1, f0_other - f0)
+        )
+        return _Head(affine=affine, baseline=f0.float())
+
+
+def _graph_is_linear(root: object) -> bool:
+    """True when every node of the autograd graph under `root` is linear in its inputs."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        name = node.name()
+        if name in _PRODUCT_NODES:
+            if len(inputs) > 1:
+                return False
+        elif name not in _LINEAR_NODES and name != "torch::autograd::AccumulateGrad":
+            return False
+        stack.extend(inputs)
+    return True
+
+
+def _targets(
+    logits: Tensor,
+    top_k: int,
+    classes: int | Sequence[int] | Tensor | None,
+    threshold: float | None,
+) -> tuple[Tensor, Tensor]:
+    """The (B, T) classes to explain and their validity mask."""
+    batch, num_classes = logits.shape
+    device = logits.device
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
+        probs = torch.sigmoid(logits.float())
+        passed = probs >= threshold
+        count = int(passed.sum(1).max())
+        ranked, order = torch.where(passed, probs, -1.0).topk(count, dim=1)
+        return order, ranked >= 0
+    if classes is None:
+        if not 1 <= top_k <= num_classes:
+            raise ValueError(f"top_k must be between 1 and {num_classes}; got {top_k}")
+        order = logits.topk(top_k, dim=1).indices
+        return order, torch.ones_like(order, dtype=torch.bool)
+    targets = torch.as_tensor(classes, device=device)
+    if targets.numel() == 0:
+        raise ValueError("classes is empty")
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError("classes must be integers")
+    if targets.ndim == 0:
+        targets = targets.reshape(1)
+    if targets.ndim == 1:
+        targets = targets.expand(batch, -1)
+    if targets.ndim != 2 or targets.shape[0] != batch:
+        raise ValueError(f"classes must be an int, a list or a ({batch}, T) tensor")
+    bad = (targets < 0) | (targets >= num_classes)
+    if bad.any():
+        raise ValueError(f"class {int(targets[bad][0])} is out of range 0..{num_classes - 1}")
+    targets = targets.long().contiguous()
+    return targets, torch.ones_like(targets, dtype=torch.bool)

@@ -1,0 +1,89 @@
+"""CAM methods as pure tensor math: activations A and gradients G in, raw maps out.
+
+Shapes: A is (B, K, h, w), the target layer's output; G is (B, T, K, h, w), the gradient of
+each of T target scores with respect to A. Every method returns the RAW map (B, T, h, w):
+signed where the method is signed, before any ReLU or normalisation.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Method = Callable[[Tensor, Tensor], Tensor]
+
+
+def _spatial_sum(x: Tensor) -> Tensor:
+    """Sum over the two spatial axes, keeping them for broadcasting."""
+    return x.sum((-2, -1), keepdim=True)
+
+
+def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den is non-zero, else 0."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), 0.0)
+
+
+def hirescam(a: Tensor, g: Tensor) -> Tensor:
+    """HiResCAM: element-wise gradient times activation, summed over channels."""
+    return (g * a.unsqueeze(1)).sum(-3)
+
+
+def gradcam(a: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM: activations weighted by the spatially averaged gradient (before ReLU)."""
+    return (g.mean((-2, -1), keepdim=True) * a.unsqueeze(1)).sum(-3)
+
+
+def gradcam_elementwise(a: Tensor, g: Tensor) -> Tensor:
+    """Element-wise Grad-CAM: ReLU of gradient times activation, summed over channels."""
+    return (g * a.unsqueeze(1)).clamp_min(0).sum(-3)
+
+
+def xgradcam(a: Tensor, g: Tensor) -> Tensor:
+    """XGrad-CAM: channel weights sum(G*A)/sum(A) over positions."""
+    a = a.unsqueeze(1)
+    weights = _safe_divide(_spatial_sum(g * a), _spatial_sum(a))
+    return (weights * a).sum(-3)
+
+
+def gradcam_plus_plus(a: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM++ with the closed-form second/third-order terms of an exponential score."""
+    a = a.unsqueeze(1)
+    g2 = g * g
+    alpha = _safe_divide(g2, 2 * g2 + _spatial_sum(a) * g2 * g)
+    weights = _spatial_sum(alpha * g.clamp_min(0))
+    return (weights * a).sum(-3)
+
+
+def layercam(a: Tensor, g: Tensor) -> Tensor:
+    """LayerCAM: activations weighted element-wise by the positive gradient."""
+    return (g.clamp_min(0) * a.unsqueeze(1)).sum(-3)
+
+
+METHODS: dict[str, Method] = {
+    "hirescam": hirescam,
+    "gradcam": gradcam,
+    "gradcam++": gradcam_plus_plus,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "gradcam-elementwise": gradcam_elementwise,
+}
+
+
+def check_methods(methods: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate method names and return them as a de-duplicated tuple in the given order."""
+    if isinstance(methods, str):
+        methods = (methods,)
+    names = tuple(dict.fromkeys(methods))
+    if not names:
+        raise ValueError(f"no method given; choose from {', '.join(METHODS)}")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def compute(methods: tuple[str, ...], a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Every requested method's raw map from the same A and G, in float32."""
+    a, g = a.float(), g.float()
+    return {name: METHODS[name](a, g) for name in methods}
