@@ -1,0 +1,314 @@
+"""TOML config -> validated, frozen dataclasses; command-line flags override single keys."""
+
+import math
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+from .methods import METHODS
+
+DEFAULT_CONFIG = Path(__file__).parent / "demo" / "demo.toml"
+Size = int | tuple[int, int]
+
+
+class ConfigError(ValueError):
+    """A config or flag value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str | None = None
+    factory: str | None = None
+    weights: str | None = None
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    labels: Path | None = None
+    multilabel: bool = False  # sigmoid outputs (probabilities, thresholds) instead of softmax
+    target_layer: str = "auto"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    resize: Size | None = None  # None: from the torchvision weights, else 256
+    crop: Size | None = None  # None: from the torchvision weights, else 224 unless resize is exact
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    max_pixels: int = 100_000_000
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    methods: tuple[str, ...] = ("hirescam", "gradcam")
+    top_k: int = 1
+    classes: tuple[int | str, ...] | None = None
+    threshold: float | None = None
+    batch_size: int = 16
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = False
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    colormap: str = "jet"
+    signed_colormap: str = "RdBu_r"
+    alpha: float = 0.5
+    signed: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    save_raw: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    explain: ExplainConfig
+    render: RenderConfig
+    output: OutputConfig
+    source: Path | None = None  # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, for run.json and the resume fingerprint."""
+        return {
+            section.name: {
+                f.name: _plain(getattr(getattr(self, section.name), f.name))
+                for f in fields(getattr(self, section.name))
+            }
+            for section in fields(self)
+            if section.name != "source"
+        }
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "preprocess": PreprocessConfig,
+    "explain": ExplainConfig,
+    "render": RenderConfig,
+    "output": OutputConfig,
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# -- validators: (key, raw value, config folder) -> clean value, or ConfigError --------------
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
+
+
+def _text(key: str, value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(key, value, "a non-empty string")
+    return value
+
+
+def _path(key: str, value: Any, base: Path) -> Path:
+    path = Path(_text(key, value, base)).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _positive(key: str, value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(key, value, "a positive integer")
+    return value
+
+
+def _workers(key: str, value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "an integer >= 0 (0 decodes in the main process)")
+    return value
+
+
+def _size(key: str, value: Any, base: Path) -> Size:
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise _fail(key, value, "an integer or [height, width]")
+        return (_positive(key, value[0], base), _positive(key, value[1], base))
+    return _positive(key, value, base)
+
+
+def _triple(key: str, value: Any, _base: Path) -> tuple[float, float, float]:
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok:
+        raise _fail(key, value, "three finite numbers, one per RGB channel")
+    return tuple(float(v) for v in value)
+
+
+def _std(key: str, value: Any, base: Path) -> tuple[float, float, float]:
+    triple = _triple(key, value, base)
+    if min(triple) <= 0:
+        raise _fail(key, value, "three positive numbers")
+    return triple
+
+
+def _fraction(key: str, value: Any, _base: Path) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+    if not ok:  # NaN fails the comparison too
+        raise _fail(key, value, "a number between 0 and 1")
+    return float(value)
+
+
+def _flag(key: str, value: Any, _base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false")
+    return value
+
+
+def _methods(key: str, value: Any, _base: Path) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) for v in value):
+        raise _fail(key, value, f"a list of methods from {', '.join(METHODS)}")
+    unknown = [v for v in value if v not in METHODS]
+    if unknown:
+        raise _fail(key, unknown[0], f"one of {', '.join(METHODS)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _classes(key: str, value: Any, _base: Path) -> tuple[int | str, ...]:
+    if isinstance(value, int | str):
+        value = [value]
+    ok = isinstance(value, list | tuple) and value
+    ok = ok and all(
+        (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or isinstance(v, str) for v in value
+    )
+    if not ok:
+        raise _fail(key, value, "a list of class ids (>= 0) or label names")
+    return tuple(value)
+
+
+def _colormap(key: str, value: Any, base: Path) -> str:
+    name = _text(key, value, base)
+    if name not in matplotlib.colormaps:
+        raise _fail(key, value, "a matplotlib colormap name such as jet, viridis, inferno or turbo")
+    return name
+
+
+def _device(key: str, value: Any, base: Path) -> str:
+    name = _text(key, value, base)
+    index = name.removeprefix("cuda:")
+    if name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and index.isdigit()):
+        return name
+    raise _fail(key, value, "auto, cpu, cuda, cuda:N or mps")
+
+
+VALIDATORS = {
+    "model": {
+        "arch": _text,
+        "factory": _text,
+        "weights": _text,
+        "checkpoint": _path,
+        "num_classes": _positive,
+        "labels": _path,
+        "multilabel": _flag,
+        "target_layer": _text,
+    },
+    "preprocess": {"resize": _size, "crop": _size, "mean": _triple, "std": _std, "max_pixels": _positive},
+    "explain": {
+        "methods": _methods,
+        "top_k": _positive,
+        "classes": _classes,
+        "threshold": _fraction,
+        "batch_size": _positive,
+        "workers": _workers,
+        "device": _device,
+        "amp": _flag,
+    },
+    "render": {"colormap": _colormap, "signed_colormap": _colormap, "alpha": _fraction, "signed": _flag},
+    "output": {"save_raw": _flag},
+}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file, or a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+
+
+def build(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Validate a raw {section: {key: value}} mapping into a Config."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section [{unknown[0]}]; valid sections: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table of keys")
+        validators = VALIDATORS[name]
+        bad = sorted(set(values) - set(validators))
+        if bad:
+            raise ConfigError(f"unknown key {name}.{bad[0]}; valid keys: {', '.join(validators)}")
+        clean = {k: validators[k](f"{name}.{k}", v, base) for k, v in values.items() if v is not None}
+        sections[name] = cls(**clean)
+    config = Config(**sections, source=source)
+    _check_whole(config)
+    return config
+
+
+def _check_whole(config: Config) -> None:
+    """Rules that involve more than one key."""
+    model = config.model
+    if bool(model.arch) == bool(model.factory):
+        raise ConfigError(
+            "set exactly one of model.arch (a torchvision model name) or model.factory (module:callable)"
+        )
+    if model.factory and model.weights:
+        raise ConfigError("model.weights names torchvision weights; with model.factory use model.checkpoint")
+    if model.factory and ":" not in model.factory:
+        raise ConfigError(f"model.factory = {model.factory!r} must look like 'package.module:callable'")
+    if config.explain.classes is not None and config.explain.threshold is not None:
+        raise ConfigError("set either explain.classes or explain.threshold, not both")
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a config file (the shipped demo config when None) and apply flag overrides.
+
+    `overrides` maps "section.key" to a value; None values are ignored. Paths given as flags
+    resolve against the current folder, paths in the file against the file's folder.
+    """
+    path = DEFAULT_CONFIG if path is None else Path(path)
+    raw = read_toml(path)
+    base = path.resolve().parent
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for dotted, value in flags.items():
+        section, key = dotted.split(".")
+        if section == "model" and key in ("arch", "factory"):  # a new model source replaces the old
+            raw.setdefault("model", {}).pop("arch", None)
+            raw["model"].pop("factory", None)
+            raw["model"].pop("weights", None)
+            raw["model"].pop("checkpoint", None)
+        if key in ("checkpoint", "labels"):
+            value = str(Path(value).resolve())
+        raw.setdefault(section, {})[key] = value
+    if "explain.classes" in flags:
+        raw["explain"].pop("threshold", None)
+    if "explain.threshold" in flags:
+        raw["explain"].pop("classes", None)
+    return build(raw, base, source=path)
+
+
+def with_device(config: Config, device: str) -> Config:
+    """The same config with explain.device replaced (after 'auto' is resolved)."""
+    return replace(config, explain=replace(config.explain, device=device))

@@ -1,0 +1,118 @@
+"""The output folder: its layout, atomic writes, resume checks and the run's ledgers.
+
+Layout under OUT, for an input whose key is `a/cat.jpg`:
+    a/cat.jpg/summary.json           the per-image summary (written last)
+    a/cat.jpg/<method>-<class>.png   one heatmap overlay per method and target
+    a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
+    results.jsonl                    one line per input, in input order
+    run.json                         the effective config, versions, device, counts, timings
+Temporary files live in OUT/.tmp and are renamed into place, so a reader never sees half a file.
+"""
+
+import io
+import itertools
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SCHEMA = "hirescam-cli/summary/1"
+
+
+class OutputError(OSError):
+    """Outputs cannot be written (no permission, disk full); the run stops."""
+
+
+def describe(error: OSError) -> str:
+    """A one-line reason for an OS error."""
+    return error.strerror or str(error) or type(error).__name__
+
+
+class OutputDir:
+    """Everything written under OUT goes through here."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+        self.tmp = self.root / ".tmp"
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of a killed run
+            self.tmp.mkdir()
+        except OSError as e:
+            raise OutputError(e.errno, f"cannot use output folder {self.root}: {describe(e)}") from None
+        self._real_root = self.root.resolve()
+
+    def folder(self, key: str) -> Path:
+        """The folder of one input's outputs."""
+        return self.root / key
+
+    def summary_path(self, key: str) -> Path:
+        return self.folder(key) / "summary.json"
+
+    def read_summary(self, key: str) -> dict[str, Any] | None:
+        """The existing summary of an input, or None when absent or unreadable."""
+        try:
+            return json.loads(self.summary_path(key).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Write bytes to path atomically: a temp file in OUT/.tmp, then a rename."""
+        parent = path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if not parent.resolve().is_relative_to(self._real_root):
+            raise OutputError(f"refusing to write {path}: it resolves outside {self.root}")
+        with self._lock:
+            temp = self.tmp / f"{os.getpid()}-{next(self._names)}"
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def write_png(self, path: Path, pixels: np.ndarray) -> None:
+        """An (H, W, 3) uint8 array as a PNG, encoded the same way every time."""
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=3)
+        self.write(path, buffer.getvalue())
+
+    def write_npy(self, path: Path, array: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        self.write(path, buffer.getvalue())
+
+    def write_json(self, path: Path, value: Any) -> None:
+        self.write(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
+
+    def close(self) -> None:
+        """Remove the temp folder."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ResultsLog:
+    """results.jsonl: lines arrive in input order and are renamed into place when the run ends."""
+
+    def __init__(self, out: OutputDir):
+        self.out = out
+        self.path = out.root / "results.jsonl"
+        self._partial = out.tmp / "results.jsonl.partial"
+        self._file = open(self._partial, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        self.counts = {"ok": 0, "skipped": 0, "error": 0}
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.counts[record["status"]] += 1
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def finish(self) -> None:
+        """Flush and move the log into place."""
+        self._file.close()
+        os.replace(self._partial, self.path)

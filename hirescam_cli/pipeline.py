@@ -1,0 +1,386 @@
+"""The explain run: inputs -> batches -> engine -> render -> outputs, with progress and resume."""
+
+import collections
+import difflib
+import hashlib
+import json
+import platform
+import signal
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+from . import __version__, render
+from .config import Config, ConfigError, PreprocessConfig
+from .data import Batch, ImageDataset, InputItem, Preprocess, discover, make_loader
+from .engine import Explainer, Explanation
+from .models import LoadedModel, load_model
+from .outputs import SCHEMA, OutputDir, OutputError, ResultsLog, describe
+from .summary import batch_numbers, image_summary
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RENDER_PIXELS = 2**24  # pixels rendered at once on the device; bounds memory for huge images
+PROGRESS_EVERY_S = 5.0
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; an explicit device that is absent is a config error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"explain.device = {name!r} but CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"explain.device = {name!r} but only {torch.cuda.device_count()} CUDA devices exist"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("explain.device = 'mps' but MPS is not available here; use cpu or auto")
+    return device
+
+
+def make_preprocess(config: PreprocessConfig, transforms: Any) -> Preprocess:
+    """Config values, else the torchvision weights' preset, else ImageNet defaults (256 / 224)."""
+    resize = config.resize or (transforms.resize_size[0] if transforms else 256)
+    crop = config.crop
+    if crop is None and not isinstance(resize, tuple):
+        crop = transforms.crop_size[0] if transforms else 224
+    mean = config.mean or (tuple(transforms.mean) if transforms else IMAGENET_MEAN)
+    std = config.std or (tuple(transforms.std) if transforms else IMAGENET_STD)
+    return Preprocess(resize=resize, crop=crop, mean=mean, std=std)
+
+
+def class_ids(classes: tuple[int | str, ...] | None, labels: list[str] | None) -> list[int] | None:
+    """Class ids from ids or label names."""
+    if classes is None:
+        return None
+    ids = []
+    for value in classes:
+        if isinstance(value, int):
+            ids.append(value)
+        elif value.isdigit():
+            ids.append(int(value))
+        elif labels and value in labels:
+            ids.append(labels.index(value))
+        else:
+            close = difflib.get_close_matches(value, labels or [], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (no labels are known; use class ids)"
+            raise ConfigError(f"explain.classes: unknown label {value!r}{hint}")
+    return ids
+
+
+def fingerprint(config: Config, model: LoadedModel, preprocess: Preprocess) -> str:
+    """What the outputs depend on: the config (less speed knobs), the weights, the package version."""
+    settings = config.to_dict()
+    for key in ("batch_size", "workers", "device"):
+        settings["explain"].pop(key)
+    settings["model"].pop("checkpoint")  # the weights' content counts, not the file's name
+    settings["preprocess_effective"] = [str(preprocess)]
+    digest = hashlib.sha256(json.dumps([SCHEMA, __version__, settings], sort_keys=True).encode())
+    for name, tensor in sorted(model.module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ResumeCheck:
+    """Picklable test, run in the loader's workers: is this input already done with this config?"""
+
+    root: Path
+    fingerprint: str
+
+    def __call__(self, item: InputItem, sha256: str) -> bool:
+        try:
+            summary = json.loads((self.root / item.key / "summary.json").read_bytes())
+        except (OSError, ValueError):
+            return False
+        return summary.get("sha256") == sha256 and summary.get("fingerprint") == self.fingerprint
+
+
+class Progress:
+    """A tqdm bar on a terminal, a plain line every few seconds otherwise, nothing when quiet."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.errors = total, 0, 0
+        self.quiet = quiet
+        self.bar = (
+            tqdm(total=total, unit="img", file=sys.stderr) if not quiet and sys.stderr.isatty() else None
+        )
+        self.start = self.last = time.monotonic()
+
+    def update(self, count: int, errors: int) -> None:
+        self.done += count
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(count)
+        elif not self.quiet and (time.monotonic() - self.last >= PROGRESS_EVERY_S or self.done == self.total):
+            self.last = time.monotonic()
+            rate = self.done / max(self.last - self.start, 1e-9)
+            print(
+                f"hirescam: {self.done}/{self.total} images ({rate:.1f}/s, {self.errors} errors)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StopFlag:
+    """First Ctrl-C asks the run to stop at the next batch boundary; a second one interrupts at once."""
+
+    def __init__(self):
+        self.stopped = False
+        self._previous = signal.getsignal(signal.SIGINT)
+
+    def __enter__(self) -> "StopFlag":
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        if self.stopped:
+            raise KeyboardInterrupt
+        self.stopped = True
+        print(
+            "hirescam: stopping after the current batch (Ctrl-C again to abort)", file=sys.stderr, flush=True
+        )
+
+
+class Renderer:
+    """Raw maps of a batch -> overlay images at each original size, batched on the device."""
+
+    def __init__(self, config: Config, device: torch.device):
+        self.alpha = config.render.alpha
+        self.signed = config.render.signed
+        self.table = render.colormap_table(config.render.colormap, device)
+        self.signed_table = render.colormap_table(config.render.signed_colormap, device)
+
+    def __call__(self, result: Explanation, batch: Batch, device: torch.device) -> dict[str, np.ndarray]:
+        """method -> uint8 (B, T, H_max, W_max, 3) on the host."""
+        images = render.pad_images(batch.images, device)
+        boxes = batch.boxes.to(device)
+        count, height, width = len(batch.images), images.shape[2], images.shape[3]
+        out = {}
+        for name, maps in result.maps.items():
+            signed = self.signed and name == "hirescam"
+            values = render.normalize_signed(maps) if signed else render.normalize(maps)
+            targets = values.shape[1]
+            pictures = []
+            step = max(1, RENDER_PIXELS // max(1, targets * height * width))
+            for start in range(0, count, step):
+                part = slice(start, start + step)
+                flat = values[part].flatten(0, 1)
+                box = boxes[part].repeat_interleave(targets, 0)
+                image = images[part].repeat_interleave(targets, 0)
+                resampled, inside = render.register(flat, box, height, width)
+                table = self.signed_table if signed else self.table
+                pictures.append(render.overlay(resampled, image, inside, table, self.alpha, signed).cpu())
+            out[name] = torch.cat(pictures).unflatten(0, (count, targets)).numpy()
+        return out
+
+
+def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, quiet: bool) -> int:
+    """Explain every input into `out`; returns the exit code."""
+    started = time.time()
+    items = discover(inputs)
+    device = pick_device(config.explain.device)
+    loaded = load_model(config.model)
+    preprocess = make_preprocess(config.preprocess, loaded.transforms)
+    classes = class_ids(config.explain.classes, loaded.labels)
+    if config.explain.threshold is not None and not config.model.multilabel:
+        raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
+    model = loaded.module.to(device)
+    print_ = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    print_(f"hirescam: {len(items)} images, model {loaded.name} on {device}")
+    outdir = OutputDir(out)
+    finger = fingerprint(config, loaded, preprocess)
+    dataset = ImageDataset(
+        items,
+        preprocess,
+        config.preprocess.max_pixels,
+        skip=None if overwrite else ResumeCheck(outdir.root, finger),
+    )
+    loader = make_loader(
+        dataset, config.explain.batch_size, config.explain.workers, pin_memory=device.type == "cuda"
+    )
+    log = ResultsLog(outdir)
+    progress = Progress(len(items), quiet)
+    renderer = Renderer(config, device)
+    pending: collections.deque[tuple[int, dict | Future]] = collections.deque()
+    state: dict[str, Any] = {"interrupted": False, "output_error": None, "layer": None, "guarantee": None}
+    explainer = Explainer(model, config.model.target_layer, amp=config.explain.amp)
+    writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hirescam-writer")
+
+    def drain(limit: int) -> None:
+        """Log finished records in input order until at most `limit` are pending."""
+        while pending and (
+            len(pending) > limit or not isinstance(pending[0][1], Future) or pending[0][1].done()
+        ):
+            index, record = pending.popleft()
+            if isinstance(record, Future):
+                try:
+                    record = record.result()
+                except OSError as e:
+                    state["output_error"] = state["output_error"] or describe(e)
+                    record = {
+                        "input": str(items[index].path),
+                        "status": "error",
+                        "error": f"cannot write outputs: {describe(e)}",
+                    }
+            log.add(record)
+
+    try:
+        with StopFlag() as stop, torch.no_grad():
+            for batch in loader:
+                records = {i: _skipped(items[i]) for i, _ in batch.skipped}
+                records |= {
+                    i: {"input": str(items[i].path), "status": "error", "error": err}
+                    for i, err in batch.failed
+                }
+                if batch.indices:
+                    result = _explain(explainer, batch, device, config, classes)
+                    state["layer"], state["guarantee"] = result.target_layer, result.guarantee
+                    records |= _submit(
+                        writers,
+                        outdir,
+                        batch,
+                        result,
+                        renderer(result, batch, device),
+                        items,
+                        loaded,
+                        config,
+                        finger,
+                    )
+                pending.extend(sorted(records.items()))
+                progress.update(len(records), len(batch.failed))
+                drain(limit=4 * config.explain.batch_size)
+                if state["output_error"]:
+                    break
+                if stop.stopped:
+                    state["interrupted"] = True
+                    break
+    except KeyboardInterrupt:
+        state["interrupted"] = True
+    finally:
+        writers.shutdown(wait=True)
+        drain(limit=0)
+        progress.close()
+        explainer.close()
+    try:
+        log.finish()
+        _write_run(outdir, config, loaded, device, state, log.counts, started, len(items))
+        outdir.close()
+    except OSError as e:
+        state["output_error"] = state["output_error"] or describe(e)
+    if state["output_error"]:
+        raise OutputError(f"cannot write outputs under {outdir.root}: {state['output_error']}")
+    counts = log.counts
+    done = f"{counts['ok']} explained, {counts['skipped']} skipped, {counts['error']} failed"
+    print_(f"hirescam: {done} -> {outdir.root}")
+    if state["interrupted"]:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if counts["error"] else EXIT_OK
+
+
+def _skipped(item: InputItem) -> dict:
+    return {"input": str(item.path), "status": "skipped", "summary": f"{item.key}/summary.json"}
+
+
+def _explain(
+    explainer: Explainer, batch: Batch, device: torch.device, config: Config, classes
+) -> Explanation:
+    x = batch.inputs.to(device, non_blocking=True)
+    explain = config.explain
+    with torch.enable_grad():
+        if explain.threshold is not None:
+            return explainer(x, methods=explain.methods, threshold=explain.threshold)
+        if classes is not None:
+            return explainer(x, methods=explain.methods, classes=classes)
+        return explainer(x, methods=explain.methods, top_k=explain.top_k)
+
+
+def _submit(writers, outdir, batch, result, pictures, items, loaded, config, finger) -> dict[int, Future]:
+    """Queue one write job per good image of the batch; returns index -> future of its record."""
+    methods = config.explain.methods
+    numbers = batch_numbers(result, batch.boxes, config.model.multilabel)
+    raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if config.output.save_raw else None
+    jobs = {}
+    for row, index in enumerate(batch.indices):
+        item, image = items[index], batch.images[row]
+        base = {
+            "schema": SCHEMA,
+            "input": str(item.path),
+            "key": item.key,
+            "width": int(image.shape[2]),
+            "height": int(image.shape[1]),
+            "sha256": batch.sha256[row],
+            "model": loaded.name,
+            "target_layer": result.target_layer,
+            "fingerprint": finger,
+        }
+
+        def files(method: str, cls: int, key: str = item.key) -> tuple[str, str | None]:
+            return f"{key}/{method}-{cls}.png", (
+                f"{key}/{method}-{cls}.npy" if raw_maps is not None else None
+            )
+
+        summary = image_summary(numbers, row, base, methods, loaded.labels, result.guarantee, files)
+        jobs[index] = writers.submit(_write_image, outdir, item, summary, pictures, raw_maps, row)
+    return jobs
+
+
+def _write_image(outdir: OutputDir, item: InputItem, summary: dict, pictures, raw_maps, row: int) -> dict:
+    """Write one image's PNGs (and raw maps), then its summary last; returns its results record."""
+    height, width = summary["height"], summary["width"]
+    for t, target in enumerate(summary["targets"]):
+        for method, files in target["maps"].items():
+            outdir.write_png(outdir.root / files["png"], pictures[method][row, t, :height, :width])
+            if raw_maps is not None:
+                outdir.write_npy(outdir.root / files["raw"], raw_maps[method][row, t])
+    outdir.write_json(outdir.summary_path(item.key), summary)
+    return {"input": str(item.path), "status": "ok", "summary": f"{item.key}/summary.json"}
+
+
+def _write_run(outdir, config, loaded, device, state, counts, started, total) -> None:
+    elapsed = time.time() - started
+    run = {
+        "schema": "hirescam-cli/run/1",
+        "version": __version__,
+        "config": config.to_dict(),
+        "config_file": str(config.source) if config.source else None,
+        "model": loaded.name,
+        "target_layer": state["layer"],
+        "guarantee": state["guarantee"],
+        "device": str(device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+        },
+        "counts": {"inputs": total, **counts, "not_reached": total - sum(counts.values())},
+        "interrupted": state["interrupted"],
+        "timings": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed > 0 else None,
+        },
+    }
+    outdir.write_json(outdir.root / "run.json", run)

@@ -1,0 +1,123 @@
+"""Per-image numbers for the JSON summaries, computed batched on the device and copied back once."""
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import Explanation
+
+TOP_FRACTION = 0.2  # the "top region" of a map for IoU agreement
+
+
+def _g(value: float) -> float | None:
+    """A float rounded to float32's precision for stable JSON; NaN becomes None."""
+    return None if math.isnan(value) else float(f"{value:.7g}")
+
+
+def peaks(maps: Tensor, boxes: Tensor) -> Tensor:
+    """Peak of each map (B, T, h, w) as (x, y) in original-image pixels -> (B, T, 2)."""
+    height, width = maps.shape[-2:]
+    flat = maps.flatten(-2).argmax(-1)
+    row, col = flat // width, flat % width
+    boxes = boxes.to(maps.device, torch.float32)[:, None]  # (B, 1, 4)
+    x = boxes[..., 0] + (col + 0.5) / width * (boxes[..., 2] - boxes[..., 0])
+    y = boxes[..., 1] + (row + 0.5) / height * (boxes[..., 3] - boxes[..., 1])
+    return torch.stack([x, y], -1).floor()
+
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation over the last two axes; NaN where either map is constant."""
+    a, b = a.flatten(-2), b.flatten(-2)
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def top_region_iou(a: Tensor, b: Tensor, fraction: float = TOP_FRACTION) -> Tensor:
+    """IoU of the top `fraction` positions of two maps (over the last two axes)."""
+    a, b = a.flatten(-2), b.flatten(-2)
+    k = max(1, math.ceil(fraction * a.shape[-1]))
+
+    def top(x: Tensor) -> Tensor:
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(k, dim=-1).indices, True)
+
+    ta, tb = top(a), top(b)
+    return (ta & tb).sum(-1) / (ta | tb).sum(-1)
+
+
+def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[str, Any]:
+    """Every number the summaries need, as nested Python lists (one device-to-host copy)."""
+    logits = result.logits
+    probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)
+    top = logits.topk(min(5, logits.shape[1]), dim=-1).indices
+    numbers = {
+        "top": top,
+        "top_logit": logits.gather(1, top),
+        "top_prob": probs.gather(1, top),
+        "target_prob": probs.gather(1, result.classes),
+        "classes": result.classes,
+        "scores": result.scores,
+        "valid": result.valid,
+        "gap": result.completeness_gap,
+    }
+    for name, maps in result.maps.items():
+        numbers[f"{name}.min"] = maps.amin((-2, -1))
+        numbers[f"{name}.max"] = maps.amax((-2, -1))
+        numbers[f"{name}.sum"] = maps.sum((-2, -1))
+        numbers[f"{name}.peak"] = peaks(maps, boxes)
+    if "hirescam" in result.maps and "gradcam" in result.maps:
+        numbers["pearson"] = pearson(result.maps["hirescam"], result.maps["gradcam"])
+        numbers["iou"] = top_region_iou(result.maps["hirescam"], result.maps["gradcam"])
+    return {k: v.cpu().tolist() for k, v in numbers.items()}
+
+
+def label_of(labels: list[str] | None, index: int) -> str:
+    return labels[index] if labels and index < len(labels) else str(index)
+
+
+def image_summary(
+    numbers: dict[str, Any], row: int, base: dict, methods: tuple[str, ...], labels, guarantee: bool, files
+) -> dict:
+    """The summary of image `row` of a batch: `base` fields plus predictions and targets.
+
+    `files(method, class)` gives the (png, raw) paths of a map, relative to OUT.
+    """
+    predictions = [
+        {"class": c, "label": label_of(labels, c), "logit": _g(lg), "probability": _g(p)}
+        for c, lg, p in zip(
+            numbers["top"][row], numbers["top_logit"][row], numbers["top_prob"][row], strict=True
+        )
+    ]
+    targets = []
+    for t, cls in enumerate(numbers["classes"][row]):
+        if not numbers["valid"][row][t]:
+            continue
+        maps = {}
+        for name in methods:
+            png, raw = files(name, cls)
+            maps[name] = {
+                "png": png,
+                "raw": raw,
+                "min": _g(numbers[f"{name}.min"][row][t]),
+                "max": _g(numbers[f"{name}.max"][row][t]),
+                "sum": _g(numbers[f"{name}.sum"][row][t]),
+                "peak": [int(v) for v in numbers[f"{name}.peak"][row][t]],
+            }
+        target = {
+            "class": cls,
+            "label": label_of(labels, cls),
+            "logit": _g(numbers["scores"][row][t]),
+            "probability": _g(numbers["target_prob"][row][t]),
+            "completeness_gap": _g(numbers["gap"][row][t]),
+            "guarantee": guarantee,
+            "maps": maps,
+        }
+        if "pearson" in numbers:
+            target["agreement"] = {
+                "pearson": _g(numbers["pearson"][row][t]),
+                "top20_iou": _g(numbers["iou"][row][t]),
+            }
+        targets.append(target)
+    return {**base, "predictions": predictions, "targets": targets}
