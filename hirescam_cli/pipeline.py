@@ -208,8 +208,9 @@ def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, q
     if config.explain.threshold is not None and not config.model.multilabel:
         raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
     model = loaded.module.to(device)
+    explainer = _open_explainer(model, config, preprocess, device, classes)
     print_ = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    print_(f"hirescam: {len(items)} images, model {loaded.name} on {device}")
+    print_(f"hirescam: {len(items)} images, model {loaded.name}, layer {explainer.target_layer}, on {device}")
     outdir = OutputDir(out)
     finger = fingerprint(config, loaded, preprocess)
     dataset = ImageDataset(
@@ -226,7 +227,6 @@ def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, q
     renderer = Renderer(config, device)
     pending: collections.deque[tuple[int, dict | Future]] = collections.deque()
     state: dict[str, Any] = {"interrupted": False, "output_error": None, "layer": None, "guarantee": None}
-    explainer = Explainer(model, config.model.target_layer, amp=config.explain.amp)
     writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hirescam-writer")
 
     def drain(limit: int) -> None:
@@ -256,7 +256,7 @@ def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, q
                     for i, err in batch.failed
                 }
                 if batch.indices:
-                    result = _explain(explainer, batch, device, config, classes)
+                    result = _explain(explainer, batch.inputs.to(device, non_blocking=True), config, classes)
                     state["layer"], state["guarantee"] = result.target_layer, result.guarantee
                     records |= _submit(
                         writers,
@@ -304,10 +304,20 @@ def _skipped(item: InputItem) -> dict:
     return {"input": str(item.path), "status": "skipped", "summary": f"{item.key}/summary.json"}
 
 
-def _explain(
-    explainer: Explainer, batch: Batch, device: torch.device, config: Config, classes
-) -> Explanation:
-    x = batch.inputs.to(device, non_blocking=True)
+def _open_explainer(model, config: Config, preprocess: Preprocess, device, classes) -> Explainer:
+    """An Explainer already checked on a blank input, so a bad layer or class fails before OUT is touched."""
+    explainer = None
+    try:
+        explainer = Explainer(model, config.model.target_layer, amp=config.explain.amp)
+        _explain(explainer, torch.zeros((1, 3, *preprocess.input_size), device=device), config, classes)
+    except ValueError as e:
+        if explainer is not None:
+            explainer.close()
+        raise ConfigError(str(e)) from None
+    return explainer
+
+
+def _explain(explainer: Explainer, x: torch.Tensor, config: Config, classes: list[int] | None) -> Explanation:
     explain = config.explain
     with torch.enable_grad():
         if explain.threshold is not None:

@@ -1,0 +1,280 @@
+"""End-to-end runs of `hirescam explain` and `hirescam layers` on temporary folders."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hirescam_cli.cli import main
+from hirescam_cli.data import Preprocess
+
+TESTS = Path(__file__).parent
+CONFIG = """
+[model]
+factory = "tiny_models:{factory}"
+[preprocess]
+resize = 16
+crop = 16
+mean = [0.5, 0.5, 0.5]
+std = [0.5, 0.5, 0.5]
+[explain]
+batch_size = 4
+workers = 0
+"""
+
+
+@pytest.fixture(autouse=True)
+def importable_tiny_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["hirescam", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def config(tmp_path: Path, factory: str = "tiny_net", extra: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(factory=factory) + extra)
+    return path
+
+
+def rgb(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def make_folder(root: Path) -> dict[str, tuple[int, int]]:
+    """Images of many modes and formats; returns key -> expected (width, height)."""
+    (root / "a").mkdir(parents=True)
+    sizes = {}
+
+    def save(key: str, image: Image.Image, **kwargs) -> None:
+        image.save(root / key, **kwargs)
+        sizes[key] = image.size
+
+    save("a/cat.jpg", rgb(40, 30))
+    save("a/cat.png", rgb(30, 40, 1))
+    save("gray.png", rgb(33, 21, 2).convert("L"))
+    save("rgba.png", rgb(20, 20, 3).convert("RGBA"))
+    save("palette.gif", rgb(24, 18, 4).convert("P"))
+    save("cmyk.jpg", rgb(26, 22, 5).convert("CMYK"))
+    save("wide.bmp", rgb(64, 16, 6))
+    save("photo.webp", rgb(18, 30, 7))
+    save("scan.tiff", rgb(22, 22, 8))
+    deep = np.linspace(0, 65535, 25 * 17).astype(np.uint16).reshape(17, 25)
+    save("deep.png", Image.fromarray(deep))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    rgb(36, 20, 9).save(root / "rotated.jpg", exif=exif.tobytes())
+    sizes["rotated.jpg"] = (20, 36)
+    return sizes
+
+
+def test_explain_mixed_folder_with_bad_files(tmp_path, capsys):
+    images = tmp_path / "images"
+    sizes = make_folder(images)
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.jpg").write_text("this is text, not a JPEG")
+    (images / "broken.png").write_bytes((images / "a/cat.png").read_bytes()[:60])
+    out = tmp_path / "out"
+    code, _, err = run(
+        ["explain", images, "-o", out, "-c", config(tmp_path), "--methods", "hirescam,gradcam"], capsys
+    )
+    assert code == 1, err
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in results] == sorted(r["input"] for r in results)
+    status = {Path(r["input"]).relative_to(images).as_posix(): r for r in results}
+    assert {k for k, r in status.items() if r["status"] == "error"} == {
+        "empty.jpg",
+        "notes.jpg",
+        "broken.png",
+    }
+    assert "empty" in status["empty.jpg"]["error"]
+    for key, (width, height) in sizes.items():
+        record = status[key]
+        assert record["status"] == "ok", record
+        summary = json.loads((out / record["summary"]).read_text())
+        assert (summary["width"], summary["height"]) == (width, height)
+        assert summary["schema"] and summary["sha256"] and summary["model"] and summary["target_layer"] == "3"
+        assert len(summary["predictions"]) == 3
+        (target,) = summary["targets"]
+        assert target["guarantee"] is True
+        assert abs(target["completeness_gap"]) < 1e-4
+        assert set(target["maps"]) == {"hirescam", "gradcam"}
+        assert set(target["agreement"]) == {"pearson", "top20_iou"}
+        for entry in target["maps"].values():
+            with Image.open(out / entry["png"]) as png:
+                assert png.size == (width, height) and png.mode == "RGB"
+            assert entry["raw"] is None
+            assert 0 <= entry["peak"][0] < width and 0 <= entry["peak"][1] < height
+    assert not list(out.rglob("*.tmp*")) and not (out / ".tmp").exists()
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["counts"]["ok"] == len(sizes) and run_info["counts"]["error"] == 3
+    assert "3 failed" in err
+
+
+def test_resume_skips_done_images_and_overwrite_redoes_them(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        rgb(20, 20, i).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["explain", images, "-o", out, "-c", config(tmp_path), "-q"]
+    assert run(args, capsys)[0] == 0
+    summary = out / "0.png" / "summary.json"
+    first = summary.stat().st_mtime_ns
+    assert run(args, capsys)[0] == 0
+    statuses = [json.loads(line)["status"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert statuses == ["skipped"] * 5
+    assert summary.stat().st_mtime_ns == first
+    rgb(20, 20, 99).save(images / "0.png")  # new content is redone
+    assert run(args, capsys)[0] == 0
+    statuses = [json.loads(line)["status"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert statuses == ["ok"] + ["skipped"] * 4
+    assert run([*args, "--colormap", "viridis"], capsys)[0] == 0  # a new config redoes all
+    statuses = [json.loads(line)["status"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert statuses == ["ok"] * 5
+    assert run([*args, "--colormap", "viridis", "--overwrite"], capsys)[0] == 0
+    statuses = [json.loads(line)["status"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert statuses == ["ok"] * 5
+
+
+def test_outputs_are_registered_to_the_original_image(tmp_path, capsys):
+    width, height = 48, 24
+    Image.new("RGB", (width, height), (200, 200, 200)).save(tmp_path / "flat.png")
+    out = tmp_path / "out"
+    code, _, err = run(
+        ["explain", tmp_path / "flat.png", "-o", out, "-c", config(tmp_path, "corner_net"), "--save-raw"],
+        capsys,
+    )
+    assert code == 0, err
+    summary = json.loads((out / "flat.png/summary.json").read_text())
+    entry = summary["targets"][0]["maps"]["hirescam"]
+    raw = np.load(out / entry["raw"])
+    assert raw.shape == (8, 8) and raw.dtype == np.float32
+    assert raw[0, 0] > 0 and (raw.flatten()[1:] == 0).all()
+    assert entry["sum"] == pytest.approx(float(raw.sum()), rel=1e-5)
+    # resize 16 (shorter side) + crop 16: the model saw x in [12, 36) of the 48 x 24 image
+    _, box = Preprocess(16, 16, (0.5,) * 3, (0.5,) * 3)(torch.zeros((3, height, width), dtype=torch.uint8))
+    x0, y0, x1, y1 = box
+    assert (x0, y0, x1, y1) == (12.0, 0.0, 36.0, 24.0)
+    cell = (x1 - x0) / 8
+    assert entry["peak"] == [int(x0 + cell / 2), int(y0 + cell / 2)]
+    pixels = np.asarray(Image.open(out / entry["png"]))
+    grey = round(0.5 * 200 + 0.5 * 128)
+    assert (pixels[:, : int(x0)] == grey).all() and (pixels[:, int(x1) :] == grey).all()
+    assert (pixels[:, int(x0) : int(x1)] != grey).any(axis=-1).all()
+
+
+def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        rgb(25, 19, i).save(images / f"{i}.jpg")
+    trees = []
+    for name in ("one", "two"):
+        assert run(["explain", images, "-o", tmp_path / name, "-c", config(tmp_path), "-q"], capsys)[0] == 0
+        trees.append(
+            {
+                p.relative_to(tmp_path / name): p.read_bytes()
+                for p in (tmp_path / name).rglob("*")
+                if p.is_file()
+            }
+        )
+    trees[0].pop(Path("run.json")), trees[1].pop(Path("run.json"))
+    assert trees[0] == trees[1]
+
+
+def test_workers_stream_the_same_results(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(9):
+        rgb(20, 24, i).save(images / f"{i}.png")
+    for name, workers in (("w0", "0"), ("w2", "2")):
+        args = ["explain", images, "-o", tmp_path / name, "-c", config(tmp_path), "--workers", workers, "-q"]
+        assert run(args, capsys)[0] == 0
+    assert (tmp_path / "w0/results.jsonl").read_text() == (tmp_path / "w2/results.jsonl").read_text()
+    assert (tmp_path / "w0/5.png/summary.json").read_bytes() == (
+        tmp_path / "w2/5.png/summary.json"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-k", "0"], "explain.top_k = 0"),
+        (["--alpha", "nan"], "render.alpha"),
+        (["--methods", "hirescam,magic"], "'magic'"),
+        (["--device", "tpu"], "explain.device"),
+        (["--colormap", "nope"], "colormap"),
+        (["--batch-size", "x"], "batch-size"),
+        (["--no-such-flag"], "no-such-flag"),
+        (["--target-layer", "nope"], "unknown target layer 'nope'"),
+        (["--checkpoint", "missing.pt"], "does not exist"),
+        (["--classes", "cat"], "unknown label 'cat'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
+    rgb(16, 16).save(tmp_path / "x.png")
+    code, _, err = run(
+        ["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", config(tmp_path), *args], capsys
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[render]\ncolour = 'red'\n", "unknown key render.colour; valid keys: colormap"),
+        ("[render]\nalpha = 'three'\n", "render.alpha = 'three'"),
+        ("[preprocess2]\n", "unknown config section"),
+        ("[model]\narch = 'resnet18'\n", "TOML"),  # a table defined twice
+    ],
+)
+def test_bad_config_exit_2_with_one_line(tmp_path, capsys, extra, message):
+    rgb(16, 16).save(tmp_path / "x.png")
+    code, _, err = run(
+        ["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", config(tmp_path, extra=extra)], capsys
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_missing_input_exits_2(tmp_path, capsys):
+    code, _, err = run(
+        ["explain", tmp_path / "nothing", "-o", tmp_path / "out", "-c", config(tmp_path)], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_layers_lists_candidates_and_the_auto_pick(tmp_path, capsys):
+    code, out, err = run(["layers", "-c", config(tmp_path)], capsys)
+    assert code == 0, err
+    assert "'auto' picks 3" in out
+    assert "<- auto" in out
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    rgb(16, 16).save(tmp_path / "x.png")
+    run(["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", config(tmp_path)], capsys)
+    assert "1/1 images" in sys.stderr.getvalue()
