@@ -24,7 +24,7 @@ from PIL import Image
 SCHEMA = "hirescam-cli/summary/1"
 
 
-class OutputError(OSError):
+class OutputError(Exception):
     """Outputs cannot be written (no permission, disk full); the run stops."""
 
 
@@ -46,7 +46,7 @@ class OutputDir:
             shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of a killed run
             self.tmp.mkdir()
         except OSError as e:
-            raise OutputError(e.errno, f"cannot use output folder {self.root}: {describe(e)}") from None
+            raise OutputError(f"cannot use output folder {self.root}: {describe(e)}") from None
         self._real_root = self.root.resolve()
 
     def folder(self, key: str) -> Path:

@@ -210,8 +210,8 @@ def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, q
     model = loaded.module.to(device)
     explainer = _open_explainer(model, config, preprocess, device, classes)
     print_ = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    print_(f"hirescam: {len(items)} images, model {loaded.name}, layer {explainer.target_layer}, on {device}")
     outdir = OutputDir(out)
+    print_(f"hirescam: {len(items)} images, model {loaded.name}, layer {explainer.target_layer}, on {device}")
     finger = fingerprint(config, loaded, preprocess)
     dataset = ImageDataset(
         items,
@@ -287,9 +287,10 @@ def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, q
     try:
         log.finish()
         _write_run(outdir, config, loaded, device, state, log.counts, started, len(items))
-        outdir.close()
     except OSError as e:
         state["output_error"] = state["output_error"] or describe(e)
+    finally:
+        outdir.close()
     if state["output_error"]:
         raise OutputError(f"cannot write outputs under {outdir.root}: {state['output_error']}")
     counts = log.counts

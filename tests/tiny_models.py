@@ -26,3 +26,22 @@ def corner_net() -> nn.Module:
         model[5].weight.abs_()
         model[2].bias.fill_(1.0)
     return model
+
+
+class _Slow(nn.Module):
+    """Wraps a model and sleeps in every forward, so a test can interrupt a run midway."""
+
+    def __init__(self, model: nn.Module, seconds: float):
+        super().__init__()
+        self.model, self.seconds = model, seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return self.model(x)
+
+
+def slow_net() -> nn.Module:
+    """tiny_net that takes at least 0.2 s per batch."""
+    return _Slow(tiny_net(), 0.2)

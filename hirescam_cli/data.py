@@ -1,0 +1,589 @@
+"""Input discovery, image decoding and preprocessing that keeps the geometry back to the original image.
+
+Data flows: ``discover`` (arguments -> sorted ``InputItem`` list) -> ``ImageDataset`` (read, hash, decode,
+preprocess; never raises for a bad image) -> ``collate`` (good / skipped / failed) -> ``Batch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import functools
+import glob
+import hashlib
+import io
+import logging
+import os
+import signal
+import threading
+import unicodedata
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+
+logger = logging.getLogger(__name__)
+
+# Pillow formats that are not raster images we can decode: write-only (PDF, PALM), stubs without a
+# decoder (BUFR, GRIB, HDF5, WMF), video (MPEG) and PostScript, which would run Ghostscript on the data.
+_NOT_DECODABLE = frozenset({"BUFR", "EPS", "GRIB", "HDF5", "MPEG", "PALM", "PDF", "WMF"})
+
+# Transparent pixels are composited over this fixed background.
+BACKGROUND = (255, 255, 255)
+
+# Pillow's decoding limits are process-wide globals; decode() sets them for its own use under this lock.
+_PILLOW_LOCK = threading.Lock()
+
+
+class InputError(ValueError):
+    """A usage problem with the INPUTS arguments (nothing matched, path missing); the message is one line."""
+
+
+class ImageError(Exception):
+    """One image could not be used; str(error) is a one-line human reason."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to explain: the file to read and the unique relative key that names its outputs."""
+
+    path: Path
+    key: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# discovery
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (".jpg") of the image formats Pillow can decode here."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt not in _NOT_DECODABLE)
+
+
+def discover(inputs: Sequence[str | Path]) -> list[InputItem]:
+    """Expand files, folders and glob patterns into image inputs with unique keys, sorted by key.
+
+    - A path to a file is taken whatever its extension; a folder is walked recursively and keeps the
+      files whose extension is an image format (case-insensitive); an argument that is not an existing
+      path but contains ``*``, ``?`` or ``[`` is a glob pattern (``**`` matches any depth), whose matching
+      folders are walked and matching files kept when they have an image extension.
+    - Walks and wildcards skip hidden names (starting with ``.``), follow symlinked folders without ever
+      entering the same real folder twice (a folder reachable directly is listed under its direct path,
+      not through a symlink), skip special files (pipes, devices), skip unreadable subfolders with a
+      logged warning, and LIST broken symlinks with an image extension so that they end as a visible
+      per-image error rather than vanish.
+    - Keys are relative to the deepest common folder of the arguments (a file counts as its folder,
+      a pattern as its literal leading folders), made printable and unique (see ``_unique_keys``).
+    - Raises InputError for an empty argument list, a missing path, or an argument yielding no image.
+    """
+    if not inputs:
+        raise InputError("no inputs given")
+    bases: list[str] = []
+    found: list[str] = []
+    for raw in inputs:
+        text = os.fspath(raw)
+        path = os.path.abspath(text)
+        shown = _printable(text)
+        if os.path.isdir(path):
+            try:
+                with os.scandir(path):
+                    pass
+            except OSError as error:
+                raise InputError(f"cannot read folder {shown}: {error.strerror}") from None
+            base, files = path, list(_walk([path]))
+            if not files:
+                raise InputError(f"no image files found in folder {shown}")
+        elif os.path.lexists(path):
+            base, files = os.path.dirname(path), [path]
+        elif glob.has_magic(path):
+            base, matched_files, matched_folders = _glob(path)
+            files = [f for f in matched_files if _is_image_name(f)] + list(_walk(matched_folders))
+            if not files:
+                raise InputError(f"no image files match {shown}")
+        else:
+            raise InputError(f"no such file or folder: {shown}")
+        bases.append(base)
+        found.extend(files)
+    paths = sorted(set(found))
+    common = os.path.commonpath(bases)
+    keys = _unique_keys([os.path.relpath(p, common) for p in paths])
+    items = (InputItem(Path(p), k) for p, k in zip(paths, keys, strict=True))
+    return sorted(items, key=lambda item: item.key)
+
+
+def _is_image_name(path: str) -> bool:
+    """Whether a file name has an image extension (case-insensitive)."""
+    return os.path.splitext(path)[1].lower() in image_extensions()
+
+
+def _kind(entry: os.DirEntry[str]) -> str | None:
+    """Classify a directory entry as "dir", "file" (regular file or broken symlink) or None (skip)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # a symlink loop: treated like a broken link below
+        pass
+    return "file" if entry.is_symlink() and not os.path.exists(entry.path) else None
+
+
+def _list(folder: str) -> list[os.DirEntry[str]] | None:
+    """The entries of a folder sorted by name, or None (with a logged warning) when it cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        logger.warning("skipping folder %s: %s", _printable(folder), error.strerror)
+        return None
+
+
+def _folder_id(folder: str) -> tuple[int, int] | None:
+    """The (device, inode) identity of a folder after symlinks, or None if it cannot be reached."""
+    try:
+        st = os.stat(folder)
+    except OSError as error:
+        logger.warning("skipping folder %s: %s", _printable(folder), error.strerror)
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk(roots: Sequence[str]) -> Iterator[str]:
+    """Yield the image files under the given folders, visiting each real folder once (direct paths first)."""
+    visited: set[tuple[int, int]] = set()
+    current = sorted(r for r in roots if not os.path.islink(r))
+    later = sorted(r for r in roots if os.path.islink(r))
+    while current:
+        stack = current[::-1]
+        while stack:
+            folder = stack.pop()
+            ident = _folder_id(folder)
+            if ident is None or ident in visited:
+                continue
+            visited.add(ident)
+            subfolders = []
+            for entry in _list(folder) or ():
+                if entry.name.startswith("."):
+                    continue
+                kind = _kind(entry)
+                if kind == "dir":
+                    (later if entry.is_symlink() else subfolders).append(entry.path)
+                elif kind == "file" and _is_image_name(entry.name):
+                    yield entry.path
+            stack.extend(reversed(subfolders))
+        current, later = sorted(later), []
+
+
+def _glob(pattern: str) -> tuple[str, list[str], list[str]]:
+    """Match an absolute, normalised glob pattern: its literal leading folder, matching files and folders.
+
+    Each component matches one name (``fnmatch`` syntax, hidden names only when the component starts with
+    ``.``); a ``**`` component matches any number of folders. Symlink loops are cut by visiting each real
+    folder at most once per pattern position.
+    """
+    parts = pattern.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = os.sep.join(parts[:first]) or os.sep
+    parts = parts[first:]
+    if not os.path.isdir(base):
+        return base, [], []
+    files: list[str] = []
+    folders: list[str] = []
+    seen: set[tuple[tuple[int, int], int]] = set()
+    stack = [(base, 0)]
+    while stack:
+        folder, i = stack.pop()
+        ident = _folder_id(folder)
+        if ident is None or (ident, i) in seen:
+            continue
+        seen.add((ident, i))
+        part, last = parts[i], i == len(parts) - 1
+        if part == "**" and last:
+            folders.append(folder)  # the walk covers every depth below
+            continue
+        if part == "**":
+            stack.append((folder, i + 1))
+        for entry in _list(folder) or ():
+            if entry.name.startswith(".") and not part.startswith("."):
+                continue
+            if part != "**" and not fnmatch.fnmatchcase(entry.name, part):
+                continue
+            kind = _kind(entry)
+            if part == "**":
+                if kind == "dir":
+                    stack.append((entry.path, i))
+            elif last and kind is not None:
+                (folders if kind == "dir" else files).append(entry.path)
+            elif kind == "dir":
+                stack.append((entry.path, i + 1))
+    return base, files, folders
+
+
+def _escape_char(char: str) -> str:
+    """Percent-encode an undecodable byte (surrogate escape), control character or line break."""
+    if "\udc80" <= char <= "\udcff":
+        return f"%{ord(char) - 0xDC00:02X}"
+    if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+        return "".join(f"%{byte:02X}" for byte in char.encode())
+    return char
+
+
+def _printable(text: str) -> str:
+    """Text safe to print on one line and to use in a file name: valid UTF-8, no control characters."""
+    text = os.fsencode(text).decode("utf-8", "surrogateescape")
+    return text if text.isprintable() else "".join(map(_escape_char, text))
+
+
+def _unique_keys(relative: Sequence[str]) -> list[str]:
+    """Turn distinct relative paths into distinct printable POSIX keys.
+
+    Undecodable bytes, control characters and line breaks become ``%XX``. Keys that would then be equal
+    ignoring case (equal on a case-insensitive output disk) get ``~2``, ``~3``... before the extension,
+    the unchanged name (then the smallest raw name) keeping the plain key.
+    """
+    safe = [_printable(r).replace(os.sep, "/") for r in relative]
+    taken = {key.casefold() for key in safe}
+    claimed: set[str] = set()
+    keys = list(safe)
+    order = sorted(range(len(safe)), key=lambda i: (safe[i] != relative[i], os.fsencode(relative[i])))
+    for i in order:
+        folded = safe[i].casefold()
+        if folded not in claimed:
+            claimed.add(folded)
+            continue
+        stem, ext = os.path.splitext(safe[i])
+        n = 2
+        while f"{stem}~{n}{ext}".casefold() in taken:
+            n += 1
+        keys[i] = f"{stem}~{n}{ext}"
+        taken.add(keys[i].casefold())
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------
+# decoding
+
+
+@functools.cache
+def _decodable_formats() -> tuple[str, ...]:
+    """The Pillow formats decode() tries, identified by content."""
+    Image.init()
+    return tuple(fmt for fmt in Image.OPEN if fmt not in _NOT_DECODABLE)
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _pillow_limits() -> Iterator[None]:
+    """Own Pillow's process-wide settings for one decode (bombs and truncation fail), then restore them."""
+    with _PILLOW_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _load(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Identify the image, check its header size against max_pixels, then decode its first frame fully."""
+    with _pillow_limits():
+        Image.MAX_IMAGE_PIXELS = None  # the header size is checked below, naming the dimensions
+        try:
+            image = Image.open(io.BytesIO(data), formats=_decodable_formats())
+        except Image.UnidentifiedImageError:
+            raise ImageError("not an image (cannot identify format)") from None
+        except Exception as error:  # plugins raise many types on bad data
+            raise ImageError(f"corrupt image header: {_one_line(error)}") from None
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            size = f"{width} x {height} = {width * height} pixels"
+            raise ImageError(f"{size} exceeds the limit of {max_pixels} pixels (--max-pixels)")
+        Image.MAX_IMAGE_PIXELS = max_pixels  # for Pillow's checks inside decoders (ICO entries...)
+        try:
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = f"the limit of {max_pixels} pixels (--max-pixels)"
+            raise ImageError(f"{width} x {height} image decodes to more than {limit}") from None
+        except Exception as error:  # decoders raise many types on bad data
+            raise ImageError(f"corrupt or truncated image data: {_one_line(error)}") from None
+    return image
+
+
+def _scale_to_uint8(image: Image.Image) -> np.ndarray:
+    """Map a 16/32-bit integer or float single-channel image to uint8 (H, W).
+
+    The nominal range (0..65535 for integers, 0..1 for floats) maps to 0..255 when every value lies in it,
+    as image viewers show 16-bit files; otherwise the image's own min..max does. Never clips; NaN and
+    infinities count as 0; a constant image outside the nominal range becomes 0.
+    """
+    values = np.asarray(image).astype(np.float64)
+    values[~np.isfinite(values)] = 0.0
+    low, high = 0.0, 1.0 if image.mode == "F" else 65535.0
+    if values.min() < low or values.max() > high:
+        low, high = float(values.min()), float(values.max())
+    if high == low:
+        return np.zeros(values.shape, np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to uint8 RGB (H, W, 3); transparency is composited over BACKGROUND."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return np.repeat(_scale_to_uint8(image)[:, :, None], 3, axis=2)
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"))
+
+
+def decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
+    """Decode image bytes to an upright (EXIF orientation applied) uint8 RGB (3, H, W) tensor or ImageError.
+
+    Takes the first frame of animations; converts every mode to RGB (see ``_rgb_array``). ``max_pixels``
+    (None: no limit) is checked on the header size before any pixel is decoded.
+    """
+    if not data:
+        raise ImageError("empty file")
+    image = _load(data, max_pixels)
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+        rgb = _rgb_array(image)
+    except Exception as error:  # e.g. a mode with no RGB conversion
+        raise ImageError(f"cannot convert {image.mode} image to RGB: {_one_line(error)}") from None
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An (h, w) pair from an int (square) or a pair."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def _is_size(value: object) -> bool:
+    """Whether a value is a positive int or an (h, w) pair of them."""
+    pair = (value, value) if isinstance(value, int) else value
+    return (
+        isinstance(pair, tuple | list)
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)
+    )
+
+
+def _crop_start(size: int, crop: int) -> int:
+    """Where torchvision's center_crop starts along one axis (negative when it pads)."""
+    if crop > size:
+        return -((crop - size) // 2)
+    return round((size - crop) / 2.0)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (bilinear, antialiased), centre-crop and normalise a uint8 image, keeping the covered region."""
+
+    resize: int | tuple[int, int] | None  # int: shorter side (aspect kept); (h, w): exact size
+    crop: int | tuple[int, int] | None  # centre crop after the resize; zero-padded when larger
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        """Reject sizes and statistics that cannot work."""
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and not _is_size(value):
+                raise ValueError(f"{name} must be a positive int or (h, w) pair of them, got {value!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The (h, w) of every model input when fixed (a crop, or an exact resize), else None."""
+        if self.crop is not None:
+            return _pair(self.crop)
+        if self.resize is not None and not isinstance(self.resize, int):
+            return _pair(self.resize)
+        return None
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """Return the normalised float (3, h, w) model input and the box (x0, y0, x1, y1) it covers.
+
+        The box is in the original image's pixel coordinates (edges, not centres): model input pixel
+        column j spans x0 + j * (x1 - x0) / w .. x0 + (j + 1) * (x1 - x0) / w. It extends beyond the image
+        where the crop pads.
+        """
+        height, width = image.shape[-2:]
+        if self.resize is not None:
+            size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
+            image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        resized_h, resized_w = image.shape[-2:]
+        top, left, out_h, out_w = 0, 0, resized_h, resized_w
+        if self.crop is not None:
+            out_h, out_w = _pair(self.crop)
+            image = TF.center_crop(image, [out_h, out_w])
+            top, left = _crop_start(resized_h, out_h), _crop_start(resized_w, out_w)
+        box = (
+            left * width / resized_w,
+            top * height / resized_h,
+            (left + out_w) * width / resized_w,
+            (top + out_h) * height / resized_h,
+        )
+        tensor = TF.normalize(image.float().div_(255), list(self.mean), list(self.std), inplace=True)
+        return tensor, box
+
+
+# ---------------------------------------------------------------------------------------------------
+# dataset and batches
+
+
+@dataclass
+class Sample:
+    """The result for one input: a model input with its original image and box, a skip, or an error."""
+
+    index: int
+    sha256: str | None = None
+    input: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    box: tuple[float, float, float, float] | None = None
+    error: str | None = None
+    skipped: bool = False
+
+
+def _read_error(path: Path, error: OSError) -> str:
+    """A one-line reason why a file could not be read."""
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory"
+    if isinstance(error, FileNotFoundError):
+        return "broken symbolic link" if path.is_symlink() else "file not found"
+    return f"cannot read: {error.strerror or _one_line(error)}"
+
+
+class ImageDataset(Dataset[Sample]):
+    """Reads, hashes, decodes and preprocesses inputs by index; a bad image is an error, never an exception.
+
+    ``skip(item, sha256)`` (e.g. "outputs already complete") is asked after hashing and before decoding.
+    It runs in the DataLoader workers, so it must be picklable under spawn and not rely on main-process
+    state that changes after the workers start. Items are kept in one bytes blob so that forked workers do
+    not copy a large Python list page by page.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[InputItem],
+        preprocess: Preprocess,
+        max_pixels: int | None,
+        skip: Callable[[InputItem, str], bool] | None = None,
+    ) -> None:
+        """Store the items compactly with the decoding settings."""
+        records = [os.fsencode(item.path) + b"\0" + item.key.encode() for item in items]
+        self._blob = b"".join(records)
+        self._offsets = np.cumsum([0] + [len(r) for r in records], dtype=np.int64)
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.skip = skip
+
+    def __len__(self) -> int:
+        """Number of inputs."""
+        return len(self._offsets) - 1
+
+    def item(self, index: int) -> InputItem:
+        """The input at an index."""
+        path, key = self._blob[self._offsets[index] : self._offsets[index + 1]].split(b"\0", 1)
+        return InputItem(Path(os.fsdecode(path)), key.decode())
+
+    def __getitem__(self, index: int) -> Sample:
+        """Load one input into a Sample (skipped, failed or ready)."""
+        item = self.item(index)
+        try:
+            data = item.path.read_bytes()
+        except OSError as error:
+            return Sample(index, error=_read_error(item.path, error))
+        sha256 = hashlib.sha256(data).hexdigest()
+        if self.skip is not None and self.skip(item, sha256):
+            return Sample(index, sha256, skipped=True)
+        try:
+            image = decode(data, self.max_pixels)
+            tensor, box = self.preprocess(image)
+        except ImageError as error:
+            return Sample(index, sha256, error=str(error))
+        except Exception as error:  # e.g. out of memory on an extreme aspect ratio
+            reason = f"cannot process image: {type(error).__name__}: {_one_line(error)}"
+            return Sample(index, sha256, error=reason)
+        return Sample(index, sha256, tensor, image, box)
+
+
+@dataclass
+class Batch:
+    """A collated batch: stacked inputs of the good samples, plus the skipped and failed indices."""
+
+    indices: list[int]
+    inputs: torch.Tensor  # (N, 3, h, w) float; an empty tensor when N = 0
+    images: list[torch.Tensor]  # originals, uint8 (3, H, W)
+    boxes: torch.Tensor  # (N, 4) float64, (x0, y0, x1, y1) in original pixels
+    sha256: list[str]
+    skipped: list[tuple[int, str]]  # (index, sha256)
+    failed: list[tuple[int, str]]  # (index, error)
+
+    def pin_memory(self) -> Batch:
+        """Copy the tensors into page-locked memory (DataLoader(pin_memory=True) calls this)."""
+        return dataclasses.replace(
+            self, inputs=self.inputs.pin_memory(), images=[image.pin_memory() for image in self.images]
+        )
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack the good samples and list the skipped and failed ones; ValueError if input sizes differ."""
+    good = [s for s in samples if s.input is not None]
+    sizes = sorted({tuple(s.input.shape[-2:]) for s in good})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+        raise ValueError(
+            f"cannot batch model inputs of different sizes ({shown}): set a crop or an exact (h, w) resize, "
+            "or use batch size 1"
+        )
+    return Batch(
+        indices=[s.index for s in good],
+        inputs=torch.stack([s.input for s in good]) if good else torch.empty(0),
+        images=[s.image for s in good],
+        boxes=torch.tensor([s.box for s in good], dtype=torch.float64).reshape(-1, 4),
+        sha256=[s.sha256 for s in good],
+        skipped=[(s.index, s.sha256) for s in samples if s.skipped],
+        failed=[(s.index, s.error) for s in samples if s.error is not None],
+    )
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader yielding Batches in input order, decoding in `workers` processes (0: in this one)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=False,
+        worker_init_fn=_ignore_interrupts,
+    )
+
+
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops the run at a batch boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
