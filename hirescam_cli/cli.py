@@ -9,6 +9,7 @@ import torch
 from . import __version__
 from .config import ConfigError, load
 from .data import InputError
+from .evaluation import run_eval
 from .layers import choose_auto, trace_layers
 from .models import ModelError, load_model
 from .outputs import OutputError
@@ -114,6 +115,23 @@ def layers(config, model) -> None:
         mark = "  <- auto" if info.name == auto else ""
         once = "once" if info.calls == 1 else f"{info.calls}x (not usable)"
         click.echo(f"{info.name:40s} {'x'.join(map(str, info.shape[1:])):22s} {once}{mark}")
+
+
+@cli.command(name="eval")
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--masks", required=True, type=click.Path(path_type=Path), help="Folder of MASKS/<image>/<label>.png."
+)
+@config_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json here.")
+@click.option("--workers", type=int, help="Decoding processes.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+def evaluate(images, masks, config, out, workers, device) -> None:
+    """Localisation (masks) and faithfulness (deletion/insertion) of every method."""
+    if not masks.is_dir():
+        raise ConfigError(f"--masks {masks} is not a folder")
+    settings = load(config, {"explain.workers": workers, "explain.device": device})
+    run_eval(settings, list(images), masks, out)
 
 
 def main() -> None:

@@ -1,0 +1,97 @@
+"""End-to-end images/s of `hirescam explain` against a decode + preprocess + inference-only loop.
+
+    python benchmarks/pipeline.py [--images 256] [--arch resnet50] [--rounds 2] [--workers 2]
+
+Generates a folder of 640x480 JPEGs, then alternates the two runs over the same DataLoader
+settings: the inference-only loop (read, decode, preprocess, forward under inference_mode) and
+the full run (both maps, PNG overlays, JSON summaries, results.jsonl). Prints the ratio.
+"""
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hirescam_cli.config import build
+from hirescam_cli.data import ImageDataset, discover, make_loader
+from hirescam_cli.models import load_model
+from hirescam_cli.pipeline import make_preprocess, pick_device, run_explain
+
+
+def make_images(folder: Path, count: int) -> None:
+    """Smooth random colour fields with some texture, as JPEGs (so decoding costs what a photo costs)."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((640, 480), Image.BICUBIC)
+        noise = rng.integers(-20, 20, (480, 640, 3))
+        pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.jpg", quality=90)
+
+
+def inference_only(config, inputs: list[str]) -> float:
+    """Seconds for the same loader feeding a plain inference forward."""
+    loaded = load_model(config.model)
+    device = pick_device(config.explain.device)
+    model = loaded.module.to(device)
+    dataset = ImageDataset(
+        discover(inputs), make_preprocess(config.preprocess, None), config.preprocess.max_pixels
+    )
+    loader = make_loader(
+        dataset, config.explain.batch_size, config.explain.workers, pin_memory=device.type == "cuda"
+    )
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            model(batch.inputs.to(device, non_blocking=True)).argmax(1).cpu()
+    return time.perf_counter() - start
+
+
+def full_run(config, inputs: list[str], out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    code = run_explain(config, inputs, out, overwrite=True, quiet=True)
+    assert code == 0, code
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    raw = {
+        "model": {"arch": args.arch},
+        "explain": {"batch_size": args.batch_size, "workers": args.workers, "device": args.device},
+    }
+    config = build(raw, Path.cwd())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        make_images(folder, args.images)
+        inference_only(config, [str(folder)])  # warm-up: page cache, allocator, thread pools
+        plain, full = [], []
+        for _ in range(args.rounds):
+            plain.append(inference_only(config, [str(folder)]))
+            full.append(full_run(config, [str(folder)], Path(tmp) / "out"))
+    n = args.images
+    p, f = statistics.median(plain), statistics.median(full)
+    device = pick_device(args.device)
+    print(f"{args.arch}, {n} JPEGs 640x480, batch {args.batch_size}, {args.workers} workers, {device}")
+    print(f"inference-only loop : {p:7.2f} s  {n / p:6.2f} images/s")
+    print(f"full explain run    : {f:7.2f} s  {n / f:6.2f} images/s  (hirescam+gradcam, PNGs, JSON)")
+    print(f"ratio full / inference-only: {f / p:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
