@@ -199,38 +199,87 @@ class Renderer:
 
 def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, quiet: bool) -> int:
     """Explain every input into `out`; returns the exit code."""
-    started = time.time()
-    items = discover(inputs)
-    device = pick_device(config.explain.device)
-    loaded = load_model(config.model)
-    preprocess = make_preprocess(config.preprocess, loaded.transforms)
-    classes = class_ids(config.explain.classes, loaded.labels)
-    if config.explain.threshold is not None and not config.model.multilabel:
-        raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
-    model = loaded.module.to(device)
-    explainer = _open_explainer(model, config, preprocess, device, classes)
-    print_ = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    outdir = OutputDir(out)
-    print_(f"hirescam: {len(items)} images, model {loaded.name}, layer {explainer.target_layer}, on {device}")
-    finger = fingerprint(config, loaded, preprocess)
-    dataset = ImageDataset(
-        items,
-        preprocess,
-        config.preprocess.max_pixels,
-        skip=None if overwrite else ResumeCheck(outdir.root, finger),
-    )
-    loader = make_loader(
-        dataset, config.explain.batch_size, config.explain.workers, pin_memory=device.type == "cuda"
-    )
-    log = ResultsLog(outdir)
-    progress = Progress(len(items), quiet)
-    renderer = Renderer(config, device)
-    pending: collections.deque[tuple[int, dict | Future]] = collections.deque()
-    state: dict[str, Any] = {"interrupted": False, "output_error": None, "layer": None, "guarantee": None}
-    writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hirescam-writer")
+    return ExplainRun(config, inputs, out, overwrite, quiet).run()
 
-    def drain(limit: int) -> None:
+
+class ExplainRun:
+    """One `hirescam explain`: set up (failing fast on usage errors), stream batches, finish the ledgers."""
+
+    def __init__(self, config: Config, inputs: list[str], out: Path, overwrite: bool, quiet: bool):
+        self.started = time.time()
+        self.config, self.quiet = config, quiet
+        self.items = discover(inputs)
+        self.device = pick_device(config.explain.device)
+        self.loaded = load_model(config.model)
+        self.preprocess = make_preprocess(config.preprocess, self.loaded.transforms)
+        self.classes = class_ids(config.explain.classes, self.loaded.labels)
+        if config.explain.threshold is not None and not config.model.multilabel:
+            raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
+        model = self.loaded.module.to(self.device)
+        self.explainer = _open_explainer(model, config, self.preprocess, self.device, self.classes)
+        self.out = OutputDir(out)
+        self.fingerprint = fingerprint(config, self.loaded, self.preprocess)
+        skip = None if overwrite else ResumeCheck(self.out.root, self.fingerprint)
+        dataset = ImageDataset(self.items, self.preprocess, config.preprocess.max_pixels, skip=skip)
+        pin = self.device.type == "cuda"
+        self.loader = make_loader(dataset, config.explain.batch_size, config.explain.workers, pin_memory=pin)
+        self.log = ResultsLog(self.out)
+        self.pending: collections.deque[tuple[int, dict | Future]] = collections.deque()
+        self.output_error: str | None = None
+        self.interrupted = False
+        self.layer, self.guarantee = self.explainer.target_layer, None
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"hirescam: {message}", file=sys.stderr, flush=True)
+
+    def run(self) -> int:
+        """Stream every batch, then write the ledgers; returns the exit code."""
+        self.say(f"{len(self.items)} images, model {self.loaded.name}, layer {self.layer}, on {self.device}")
+        progress = Progress(len(self.items), self.quiet)
+        writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hirescam-writer")
+        renderer = Renderer(self.config, self.device)
+        try:
+            with StopFlag() as stop, torch.no_grad():
+                for batch in self.loader:
+                    records = self._batch(batch, renderer, writers)
+                    self.pending.extend(sorted(records.items()))
+                    progress.update(len(records), len(batch.failed))
+                    self._drain(limit=4 * self.config.explain.batch_size)
+                    if self.output_error:
+                        break
+                    if stop.stopped:
+                        self.interrupted = True
+                        break
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            writers.shutdown(wait=True)
+            self._drain(limit=0)
+            progress.close()
+            self.explainer.close()
+        return self._finish()
+
+    def _batch(
+        self, batch: Batch, renderer: "Renderer", writers: ThreadPoolExecutor
+    ) -> dict[int, dict | Future]:
+        """Records of the batch's skipped and failed inputs, and write jobs for its good ones."""
+        items = self.items
+        records: dict[int, dict | Future] = {i: _skipped(items[i]) for i, _ in batch.skipped}
+        records |= {i: _failed(items[i], error) for i, error in batch.failed}
+        if batch.indices:
+            x = batch.inputs.to(self.device, non_blocking=True)
+            result = _explain(self.explainer, x, self.config, self.classes)
+            self.guarantee = result.guarantee
+            pictures = renderer(result, batch, self.device)
+            records |= _submit(
+                writers, self.out, batch, result, pictures, items, self.loaded, self.config, self.fingerprint
+            )
+        return records
+
+    def _drain(self, limit: int) -> None:
         """Log finished records in input order until at most `limit` are pending."""
+        pending = self.pending
         while pending and (
             len(pending) > limit or not isinstance(pending[0][1], Future) or pending[0][1].done()
         ):
@@ -239,70 +288,63 @@ def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, q
                 try:
                     record = record.result()
                 except OSError as e:
-                    state["output_error"] = state["output_error"] or describe(e)
-                    record = {
-                        "input": str(items[index].path),
-                        "status": "error",
-                        "error": f"cannot write outputs: {describe(e)}",
-                    }
-            log.add(record)
+                    self.output_error = self.output_error or describe(e)
+                    record = _failed(self.items[index], f"cannot write outputs: {describe(e)}")
+            self.log.add(record)
 
-    try:
-        with StopFlag() as stop, torch.no_grad():
-            for batch in loader:
-                records = {i: _skipped(items[i]) for i, _ in batch.skipped}
-                records |= {
-                    i: {"input": str(items[i].path), "status": "error", "error": err}
-                    for i, err in batch.failed
-                }
-                if batch.indices:
-                    result = _explain(explainer, batch.inputs.to(device, non_blocking=True), config, classes)
-                    state["layer"], state["guarantee"] = result.target_layer, result.guarantee
-                    records |= _submit(
-                        writers,
-                        outdir,
-                        batch,
-                        result,
-                        renderer(result, batch, device),
-                        items,
-                        loaded,
-                        config,
-                        finger,
-                    )
-                pending.extend(sorted(records.items()))
-                progress.update(len(records), len(batch.failed))
-                drain(limit=4 * config.explain.batch_size)
-                if state["output_error"]:
-                    break
-                if stop.stopped:
-                    state["interrupted"] = True
-                    break
-    except KeyboardInterrupt:
-        state["interrupted"] = True
-    finally:
-        writers.shutdown(wait=True)
-        drain(limit=0)
-        progress.close()
-        explainer.close()
-    try:
-        log.finish()
-        _write_run(outdir, config, loaded, device, state, log.counts, started, len(items))
-    except OSError as e:
-        state["output_error"] = state["output_error"] or describe(e)
-    finally:
-        outdir.close()
-    if state["output_error"]:
-        raise OutputError(f"cannot write outputs under {outdir.root}: {state['output_error']}")
-    counts = log.counts
-    done = f"{counts['ok']} explained, {counts['skipped']} skipped, {counts['error']} failed"
-    print_(f"hirescam: {done} -> {outdir.root}")
-    if state["interrupted"]:
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED if counts["error"] else EXIT_OK
+    def _finish(self) -> int:
+        """Move results.jsonl into place, write run.json, report, and choose the exit code."""
+        try:
+            self.log.finish()
+            self._write_run()
+        except OSError as e:
+            self.output_error = self.output_error or describe(e)
+        finally:
+            self.out.close()
+        if self.output_error:
+            raise OutputError(f"cannot write outputs under {self.out.root}: {self.output_error}")
+        counts = self.log.counts
+        done = f"{counts['ok']} explained, {counts['skipped']} skipped, {counts['error']} failed"
+        self.say(f"{done} -> {self.out.root}")
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if counts["error"] else EXIT_OK
+
+    def _write_run(self) -> None:
+        elapsed = time.time() - self.started
+        counts, total = self.log.counts, len(self.items)
+        run = {
+            "schema": "hirescam-cli/run/1",
+            "version": __version__,
+            "config": self.config.to_dict(),
+            "config_file": str(self.config.source) if self.config.source else None,
+            "preprocess": str(self.preprocess),
+            "model": self.loaded.name,
+            "target_layer": self.layer,
+            "guarantee": self.guarantee,
+            "device": str(self.device),
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+            },
+            "counts": {"inputs": total, **counts, "not_reached": total - sum(counts.values())},
+            "interrupted": self.interrupted,
+            "timings": {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+                "seconds": round(elapsed, 3),
+                "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed > 0 else None,
+            },
+        }
+        self.out.write_json(self.out.root / "run.json", run)
 
 
 def _skipped(item: InputItem) -> dict:
     return {"input": str(item.path), "status": "skipped", "summary": f"{item.key}/summary.json"}
+
+
+def _failed(item: InputItem, error: str) -> dict:
+    return {"input": str(item.path), "status": "error", "error": error}
 
 
 def _open_explainer(model, config: Config, preprocess: Preprocess, device, classes) -> Explainer:
@@ -368,30 +410,3 @@ def _write_image(outdir: OutputDir, item: InputItem, summary: dict, pictures, ra
                 outdir.write_npy(outdir.root / files["raw"], raw_maps[method][row, t])
     outdir.write_json(outdir.summary_path(item.key), summary)
     return {"input": str(item.path), "status": "ok", "summary": f"{item.key}/summary.json"}
-
-
-def _write_run(outdir, config, loaded, device, state, counts, started, total) -> None:
-    elapsed = time.time() - started
-    run = {
-        "schema": "hirescam-cli/run/1",
-        "version": __version__,
-        "config": config.to_dict(),
-        "config_file": str(config.source) if config.source else None,
-        "model": loaded.name,
-        "target_layer": state["layer"],
-        "guarantee": state["guarantee"],
-        "device": str(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-        },
-        "counts": {"inputs": total, **counts, "not_reached": total - sum(counts.values())},
-        "interrupted": state["interrupted"],
-        "timings": {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "seconds": round(elapsed, 3),
-            "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed > 0 else None,
-        },
-    }
-    outdir.write_json(outdir.root / "run.json", run)
