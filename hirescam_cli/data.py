@@ -19,7 +19,7 @@ import signal
 import threading
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +58,11 @@ class InputItem:
     path: Path
     key: str
 
+    @property
+    def shown(self) -> str:
+        """The path as printable UTF-8 text, for messages and JSON."""
+        return _printable(str(self.path))
+
 
 # ---------------------------------------------------------------------------------------------------
 # discovery
@@ -69,7 +74,9 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt not in _NOT_DECODABLE)
 
 
-def discover(inputs: Sequence[str | Path]) -> list[InputItem]:
+def discover(
+    inputs: Sequence[str | Path], reserved: Collection[str] = (), exclude: str | Path | None = None
+) -> list[InputItem]:
     """Expand files, folders and glob patterns into image inputs with unique keys, sorted by key.
 
     - A path to a file is taken whatever its extension; a folder is walked recursively and keeps the
@@ -83,12 +90,22 @@ def discover(inputs: Sequence[str | Path]) -> list[InputItem]:
       per-image error rather than vanish.
     - Keys are relative to the deepest common folder of the arguments (a file counts as its folder,
       a pattern as its literal leading folders), made printable and unique (see ``_unique_keys``).
+    - Nothing inside the folder `exclude` (the output folder) is taken, so reruns never explain outputs.
+    - Keys never start with a name in `reserved` (names the output folder uses itself).
     - Raises InputError for an empty argument list, a missing path, or an argument yielding no image.
     """
     if not inputs:
         raise InputError("no inputs given")
     bases: list[str] = []
     found: list[str] = []
+    skip, excluded = set(), os.path.realpath(exclude) + os.sep if exclude is not None else None
+    if exclude is not None and os.path.isdir(exclude):
+        skip.add(_folder_id(str(exclude)))
+
+    def kept(files: list[str]) -> list[str]:
+        """Named or matched files, less those inside `exclude` (walks prune it themselves)."""
+        return [f for f in files if excluded is None or not os.path.realpath(f).startswith(excluded)]
+
     for raw in inputs:
         text = os.fspath(raw)
         path = os.path.abspath(text)
@@ -99,14 +116,14 @@ def discover(inputs: Sequence[str | Path]) -> list[InputItem]:
                     pass
             except OSError as error:
                 raise InputError(f"cannot read folder {shown}: {error.strerror}") from None
-            base, files = path, list(_walk([path]))
+            base, files = path, list(_walk([path], skip))
             if not files:
                 raise InputError(f"no image files found in folder {shown}")
         elif os.path.lexists(path):
-            base, files = os.path.dirname(path), [path]
+            base, files = os.path.dirname(path), kept([path])
         elif glob.has_magic(path):
             base, matched_files, matched_folders = _glob(path)
-            files = [f for f in matched_files if _is_image_name(f)] + list(_walk(matched_folders))
+            files = kept([f for f in matched_files if _is_image_name(f)]) + list(_walk(matched_folders, skip))
             if not files:
                 raise InputError(f"no image files match {shown}")
         else:
@@ -115,7 +132,7 @@ def discover(inputs: Sequence[str | Path]) -> list[InputItem]:
         found.extend(files)
     paths = sorted(set(found))
     common = os.path.commonpath(bases)
-    keys = _unique_keys([os.path.relpath(p, common) for p in paths])
+    keys = _unique_keys([os.path.relpath(p, common) for p in paths], reserved)
     items = (InputItem(Path(p), k) for p, k in zip(paths, keys, strict=True))
     return sorted(items, key=lambda item: item.key)
 
@@ -157,9 +174,12 @@ def _folder_id(folder: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _walk(roots: Sequence[str]) -> Iterator[str]:
-    """Yield the image files under the given folders, visiting each real folder once (direct paths first)."""
-    visited: set[tuple[int, int]] = set()
+def _walk(roots: Sequence[str], skip: Collection[tuple[int, int]] = ()) -> Iterator[str]:
+    """Yield the image files under the given folders, visiting each real folder once (direct paths first).
+
+    Folders whose identity is in `skip` are never entered.
+    """
+    visited: set[tuple[int, int]] = set(skip)
     current = sorted(r for r in roots if not os.path.islink(r))
     later = sorted(r for r in roots if os.path.islink(r))
     while current:
@@ -243,30 +263,45 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else "".join(map(_escape_char, text))
 
 
-def _unique_keys(relative: Sequence[str]) -> list[str]:
+def _unique_keys(relative: Sequence[str], reserved: Collection[str] = ()) -> list[str]:
     """Turn distinct relative paths into distinct printable POSIX keys.
 
     Undecodable bytes, control characters and line breaks become ``%XX``. Keys that would then be equal
     ignoring case (equal on a case-insensitive output disk) get ``~2``, ``~3``... before the extension,
-    the unchanged name (then the smallest raw name) keeping the plain key.
+    the unchanged name (then the smallest raw name) keeping the plain key. Equality also ignores
+    Unicode normalisation (macOS disks). A first component in `reserved` (names the output folder
+    uses itself) gets a ``~`` appended.
     """
-    safe = [_printable(r).replace(os.sep, "/") for r in relative]
-    taken = {key.casefold() for key in safe}
+    safe = [_avoid_reserved(_printable(r).replace(os.sep, "/"), reserved) for r in relative]
+    taken = {_fold(key) for key in safe}
     claimed: set[str] = set()
     keys = list(safe)
     order = sorted(range(len(safe)), key=lambda i: (safe[i] != relative[i], os.fsencode(relative[i])))
     for i in order:
-        folded = safe[i].casefold()
+        folded = _fold(safe[i])
         if folded not in claimed:
             claimed.add(folded)
             continue
         stem, ext = os.path.splitext(safe[i])
         n = 2
-        while f"{stem}~{n}{ext}".casefold() in taken:
+        while _fold(f"{stem}~{n}{ext}") in taken:
             n += 1
         keys[i] = f"{stem}~{n}{ext}"
-        taken.add(keys[i].casefold())
+        taken.add(_fold(keys[i]))
     return keys
+
+
+def _fold(key: str) -> str:
+    """The form under which two keys name the same file on case- and normalisation-insensitive disks."""
+    return unicodedata.normalize("NFC", key).casefold()
+
+
+def _avoid_reserved(key: str, reserved: Collection[str]) -> str:
+    """Append ``~`` to the first path component when it is a reserved name."""
+    first, sep, rest = key.partition("/")
+    if _fold(first) in {_fold(name) for name in reserved}:
+        return f"{first}~{sep}{rest}"
+    return key
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,7 +399,7 @@ def decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
         rgb = _rgb_array(image)
     except Exception as error:  # e.g. a mode with no RGB conversion
         raise ImageError(f"cannot convert {image.mode} image to RGB: {_one_line(error)}") from None
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    return torch.from_numpy(np.require(rgb.transpose(2, 0, 1), requirements=["C", "W"]))
 
 
 # ---------------------------------------------------------------------------------------------------

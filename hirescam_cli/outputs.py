@@ -22,15 +22,16 @@ import numpy as np
 from PIL import Image
 
 SCHEMA = "hirescam-cli/summary/1"
+RESERVED = ("results.jsonl", "run.json", "eval.json", ".tmp")  # names under OUT that no input key takes
 
 
 class OutputError(Exception):
     """Outputs cannot be written (no permission, disk full); the run stops."""
 
 
-def describe(error: OSError) -> str:
+def describe(error: Exception) -> str:
     """A one-line reason for an OS error."""
-    return error.strerror or str(error) or type(error).__name__
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 class OutputDir:
@@ -66,9 +67,9 @@ class OutputDir:
     def write(self, path: Path, data: bytes) -> None:
         """Write bytes to path atomically: a temp file in OUT/.tmp, then a rename."""
         parent = path.parent
-        parent.mkdir(parents=True, exist_ok=True)
         if not parent.resolve().is_relative_to(self._real_root):
             raise OutputError(f"refusing to write {path}: it resolves outside {self.root}")
+        parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             temp = self.tmp / f"{os.getpid()}-{next(self._names)}"
         try:

@@ -23,7 +23,7 @@ from .config import Config, ConfigError, PreprocessConfig
 from .data import Batch, ImageDataset, InputItem, Preprocess, discover, make_loader
 from .engine import Explainer, Explanation
 from .models import LoadedModel, load_model
-from .outputs import SCHEMA, OutputDir, OutputError, ResultsLog, describe
+from .outputs import RESERVED, SCHEMA, OutputDir, OutputError, ResultsLog, describe
 from .summary import batch_numbers, image_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -208,7 +208,7 @@ class ExplainRun:
     def __init__(self, config: Config, inputs: list[str], out: Path, overwrite: bool, quiet: bool):
         self.started = time.time()
         self.config, self.quiet = config, quiet
-        self.items = discover(inputs)
+        self.items = discover(inputs, RESERVED, exclude=out)
         self.device = pick_device(config.explain.device)
         self.loaded = load_model(config.model)
         self.preprocess = make_preprocess(config.preprocess, self.loaded.transforms)
@@ -287,7 +287,7 @@ class ExplainRun:
             if isinstance(record, Future):
                 try:
                     record = record.result()
-                except OSError as e:
+                except (OSError, OutputError) as e:
                     self.output_error = self.output_error or describe(e)
                     record = _failed(self.items[index], f"cannot write outputs: {describe(e)}")
             self.log.add(record)
@@ -340,11 +340,11 @@ class ExplainRun:
 
 
 def _skipped(item: InputItem) -> dict:
-    return {"input": str(item.path), "status": "skipped", "summary": f"{item.key}/summary.json"}
+    return {"input": item.shown, "status": "skipped", "summary": f"{item.key}/summary.json"}
 
 
 def _failed(item: InputItem, error: str) -> dict:
-    return {"input": str(item.path), "status": "error", "error": error}
+    return {"input": item.shown, "status": "error", "error": error}
 
 
 def _open_explainer(model, config: Config, preprocess: Preprocess, device, classes) -> Explainer:
@@ -380,7 +380,7 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
         item, image = items[index], batch.images[row]
         base = {
             "schema": SCHEMA,
-            "input": str(item.path),
+            "input": item.shown,
             "key": item.key,
             "width": int(image.shape[2]),
             "height": int(image.shape[1]),
@@ -409,4 +409,4 @@ def _write_image(outdir: OutputDir, item: InputItem, summary: dict, pictures, ra
             if raw_maps is not None:
                 outdir.write_npy(outdir.root / files["raw"], raw_maps[method][row, t])
     outdir.write_json(outdir.summary_path(item.key), summary)
-    return {"input": str(item.path), "status": "ok", "summary": f"{item.key}/summary.json"}
+    return {"input": item.shown, "status": "ok", "summary": f"{item.key}/summary.json"}
