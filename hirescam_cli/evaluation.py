@@ -11,8 +11,8 @@ from PIL import Image
 from .config import Config, ConfigError
 from .data import ImageDataset, InputItem, Preprocess, discover, make_loader
 from .engine import Explainer
-from .evaluate import deletion_insertion, localisation, summarise
 from .methods import METHODS
+from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
 from .pipeline import make_preprocess, pick_device

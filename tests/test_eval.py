@@ -9,7 +9,7 @@ from torch import nn
 
 from hirescam_cli import Explainer
 from hirescam_cli.demo.samples import write_samples
-from hirescam_cli.evaluate import localisation
+from hirescam_cli.metrics import localisation
 
 CONFIG = """
 [model]
