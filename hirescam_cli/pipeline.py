@@ -217,7 +217,7 @@ class ExplainRun:
             raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
         model = self.loaded.module.to(self.device)
         self.explainer = _open_explainer(model, config, self.preprocess, self.device, self.classes)
-        self.out = OutputDir(out)
+        self.out = OutputDir(out, png=config.output.png)
         self.fingerprint = fingerprint(config, self.loaded, self.preprocess)
         skip = None if overwrite else ResumeCheck(self.out.root, self.fingerprint)
         dataset = ImageDataset(self.items, self.preprocess, config.preprocess.max_pixels, skip=skip)

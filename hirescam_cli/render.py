@@ -20,13 +20,14 @@ def normalize_signed(maps: Tensor) -> Tensor:
     return torch.where(peak > 0, maps / torch.where(peak > 0, peak, 1.0), 0.0)
 
 
-UNEXPLAINED = 128.0  # grey laid over the parts of the image the model never saw (cut by a crop)
+UNEXPLAINED = 128  # grey laid over the parts of the image the model never saw (cut by a crop)
+ALPHA_BITS = 7  # alpha is applied in 1/128 steps, in int16 arithmetic (255 * 128 fits)
 
 
 def colormap_table(name: str, device: torch.device | str = "cpu") -> Tensor:
-    """The 256-entry RGB lookup table of a matplotlib colormap, as float (256, 3) in [0, 255]."""
+    """The 256-entry RGB lookup table of a matplotlib colormap, as uint8 (256, 3)."""
     table = matplotlib.colormaps[name](torch.linspace(0, 1, 256).numpy())[:, :3]
-    return torch.as_tensor(table, dtype=torch.float32, device=device) * 255
+    return torch.as_tensor(table * 255, dtype=torch.float32).round().to(torch.uint8).to(device)
 
 
 def pad_images(images: list[Tensor], device: torch.device | str) -> Tensor:
@@ -65,10 +66,13 @@ def overlay(
 ) -> Tensor:
     """Blend colour-mapped values (P, H, W) over images (P, 3, H, W) uint8 -> (P, H, W, 3) uint8.
 
-    Values lie in [0, 1], or in [-1, 1] when `signed` (zero at the colormap's centre).
+    Values lie in [0, 1], or in [-1, 1] when `signed` (zero at the colormap's centre); pixels
+    outside `inside` get grey instead of a colour.
     """
     index = ((values + 1) / 2 if signed else values).clamp(0, 1).mul(255).round().long()
-    heat = table[index]  # (P, H, W, 3)
-    heat = torch.where(inside[..., None], heat, UNEXPLAINED)
-    blended = (1 - alpha) * images.permute(0, 2, 3, 1).float() + alpha * heat
-    return blended.round().clamp(0, 255).to(torch.uint8)
+    heat = torch.where(inside[..., None], table[index], UNEXPLAINED).to(torch.int16)
+    steps = 1 << ALPHA_BITS
+    weight = round(alpha * steps)
+    image = images.permute(0, 2, 3, 1).to(torch.int16)
+    blended = (image * (steps - weight) + heat * weight + steps // 2) >> ALPHA_BITS
+    return blended.to(torch.uint8)

@@ -278,3 +278,25 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys, monkeypatch):
     rgb(16, 16).save(tmp_path / "x.png")
     run(["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", config(tmp_path)], capsys)
     assert "1/1 images" in sys.stderr.getvalue()
+
+
+def test_both_png_encoders_give_the_same_pixels(tmp_path, capsys):
+    rgb(37, 29).save(tmp_path / "x.png")
+    for png in ("fast", "small"):
+        args = [
+            "explain",
+            tmp_path / "x.png",
+            "-o",
+            tmp_path / png,
+            "-c",
+            config(tmp_path),
+            "--png",
+            png,
+            "-q",
+        ]
+        assert run(args, capsys)[0] == 0
+    fast, small = (
+        np.asarray(Image.open(next((tmp_path / png / "x.png").glob("hirescam-*.png"))))
+        for png in ("fast", "small")
+    )
+    assert fast.shape == (29, 37, 3) and np.array_equal(fast, small)
