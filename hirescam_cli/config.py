@@ -2,7 +2,7 @@
 
 import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +315,3 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         raw["explain"].pop("classes", None)
     return build(raw, base, source=path)
 
-
-def with_device(config: Config, device: str) -> Config:
-    """The same config with explain.device replaced (after 'auto' is resolved)."""
-    return replace(config, explain=replace(config.explain, device=device))

@@ -15,7 +15,7 @@ from .methods import METHODS
 from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
-from .pipeline import make_preprocess, pick_device
+from .pipeline import Progress, make_preprocess, pick_device
 
 METRICS = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
 
@@ -70,9 +70,11 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
     score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in METRICS} for m in METHODS}
     problems: list[str] = []
+    progress = Progress(len(items), quiet=False)
     with Explainer(model, config.model.target_layer) as explainer:
         for batch in loader:
-            problems += [f"{items[i].path}: {error}" for i, error in batch.failed]
+            progress.update(len(batch.indices) + len(batch.failed), len(batch.failed))
+            problems += [f"{items[i].shown}: {error}" for i, error in batch.failed]
             rows, classes, truth = [], [], []
             for row, index in enumerate(batch.indices):
                 size = tuple(batch.images[row].shape[1:])
@@ -93,6 +95,7 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
                 curves = deletion_insertion(model, x, targets, maps, score_fn=score_fn)
                 values[name]["deletion_auc"].append(curves["deletion_auc"].cpu())
                 values[name]["insertion_auc"].append(curves["insertion_auc"].cpu())
+    progress.close()
     table = {
         name: {k: summarise(torch.cat(v)) if v else summarise(torch.empty(0)) for k, v in metrics.items()}
         for name, metrics in values.items()

@@ -70,13 +70,6 @@ class OutputDir:
     def summary_path(self, key: str) -> Path:
         return self.folder(key) / "summary.json"
 
-    def read_summary(self, key: str) -> dict[str, Any] | None:
-        """The existing summary of an input, or None when absent or unreadable."""
-        try:
-            return json.loads(self.summary_path(key).read_bytes())
-        except (OSError, ValueError):
-            return None
-
     def write(self, path: Path, data: bytes) -> None:
         """Write bytes to path atomically: a temp file in OUT/.tmp, then a rename."""
         parent = path.parent

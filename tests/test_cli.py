@@ -300,3 +300,29 @@ def test_both_png_encoders_give_the_same_pixels(tmp_path, capsys):
         for png in ("fast", "small")
     )
     assert fast.shape == (29, 37, 3) and np.array_equal(fast, small)
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "message"),
+    [
+        ("resize = -5\ncrop = 16", "preprocess.resize = -5 is not allowed: expected a positive integer"),
+        ("resize = 16\ncrop = 0", "preprocess.crop = 0"),
+        ("resize = [16]\ncrop = 16", "an integer or [height, width]"),
+        ("resize = 16.5\ncrop = 16", "preprocess.resize = 16.5"),
+        ("resize = 16\nmean = [0.5, 0.5]", "preprocess.mean"),
+        ("resize = 16\nstd = [0.5, 0.0, 0.5]", "three positive numbers"),
+        ("resize = 16\nmax_pixels = 0", "preprocess.max_pixels = 0"),
+        ("resize = 'big'", "preprocess.resize = 'big'"),
+    ],
+)
+def test_bad_preprocess_values_exit_2_with_one_line(tmp_path, capsys, preprocess, message):
+    text = CONFIG.format(factory="tiny_net")
+    start, end = text.index("[preprocess]"), text.index("[explain]")
+    (tmp_path / "c.toml").write_text(text[:start] + "[preprocess]\n" + preprocess + "\n" + text[end:])
+    rgb(16, 16).save(tmp_path / "x.png")
+    code, _, err = run(
+        ["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", tmp_path / "c.toml"], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not (tmp_path / "out").exists()
