@@ -104,7 +104,7 @@ def explain(inputs, out, config, model, overwrite, quiet, **flags) -> None:
 def layers(config, model) -> None:
     """List candidate target layers at the configured input size."""
     settings = load(config, _model_flags(model))
-    loaded = load_model(settings.model)
+    loaded = load_model(settings.model, load_weights=False)  # shapes need no weights: works offline
     preprocess = make_preprocess(settings.preprocess, loaded.transforms)
     height, width = preprocess.input_size
     traced = trace_layers(loaded.module, torch.zeros(1, 3, height, width))

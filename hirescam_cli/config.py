@@ -314,4 +314,3 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
     if "explain.threshold" in flags:
         raw["explain"].pop("classes", None)
     return build(raw, base, source=path)
-

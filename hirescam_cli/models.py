@@ -27,16 +27,20 @@ class LoadedModel:
     transforms: Any | None  # torchvision's preprocessing preset of the weights, if any
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Build the model the config describes, load its weights, and put it in eval mode."""
+def load_model(config: ModelConfig, load_weights: bool = True) -> LoadedModel:
+    """Build the model the config describes, load its weights, and put it in eval mode.
+
+    With load_weights False only the architecture is built (for listing layers offline); the
+    weights' preprocessing preset and labels are still used, as they need no download.
+    """
     weights = _weights(config) if config.weights else None
     if config.factory:
         module = _from_factory(config.factory)
         name = config.factory
     else:
-        module = _from_torchvision(config, weights)
+        module = _from_torchvision(config, weights if load_weights else None)
         name = config.arch if weights is None else f"{config.arch} ({config.weights})"
-    if config.checkpoint:
+    if config.checkpoint and load_weights:
         load_checkpoint(module, config.checkpoint)
         name = f"{name} + {config.checkpoint.name}"
     labels = read_labels(config.labels) if config.labels else None

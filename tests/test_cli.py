@@ -326,3 +326,32 @@ def test_bad_preprocess_values_exit_2_with_one_line(tmp_path, capsys, preprocess
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_layers_of_a_torchvision_config_need_no_download(capsys, monkeypatch):
+    def offline(*_args, **_kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    code, out, err = run(["layers", "-c", TESTS.parent / "configs" / "resnet50.toml"], capsys)
+    assert code == 0, err
+    assert "input 224x224; 'auto' picks layer4" in out
+    assert "layer4.2.relu" in out and "3x (not usable)" in out
+
+
+def test_classes_by_label_name_and_signed_maps(tmp_path, capsys):
+    (tmp_path / "labels.txt").write_text("apple\nbanana\ncherry\n")
+    rgb(20, 20).save(tmp_path / "x.png")
+    args = ["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", config(tmp_path), "-q"]
+    code, _, err = run(
+        [*args, "--labels", tmp_path / "labels.txt", "--classes", "cherry,0", "--signed"], capsys
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out/x.png/summary.json").read_text())
+    assert [(t["class"], t["label"]) for t in summary["targets"]] == [(2, "cherry"), (0, "apple")]
+    assert {p.name for p in (tmp_path / "out/x.png").glob("*.png")} == {
+        "hirescam-2.png",
+        "gradcam-2.png",
+        "hirescam-0.png",
+        "gradcam-0.png",
+    }

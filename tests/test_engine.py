@@ -257,3 +257,12 @@ def test_torchvision_families(arch):
     if affine:
         scale = result.scores.abs().max() + 1
         assert result.completeness_gap.abs().max() <= 1e-4 * scale
+
+
+def test_mixed_precision_gives_nearly_the_same_maps():
+    model, x = small_net(), torch.randn(2, 3, 16, 16)
+    with Explainer(model, "3") as exact, Explainer(model, "3", amp=True) as mixed:
+        a, b = exact(x, classes=[0, 1]), mixed(x, classes=[0, 1])
+    assert b.maps["hirescam"].dtype == torch.float32
+    scale = a.maps["hirescam"].abs().max()
+    assert (a.maps["hirescam"] - b.maps["hirescam"]).abs().max() < 0.05 * scale
