@@ -52,6 +52,7 @@ def start(args: list, tmp_path: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=tmp_path,
+        start_new_session=True,  # its own process group, as a shell job has
     )
 
 
@@ -87,12 +88,14 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path, capsys):
     assert not (out / ".tmp").exists()
 
 
-def test_ctrl_c_stops_at_a_batch_boundary_with_exit_130(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_ctrl_c_stops_at_a_batch_boundary_with_exit_130(tmp_path, workers):
     images = folder(tmp_path / "images", 40)
     out = tmp_path / "out"
-    process = start(["explain", images, "-o", out, "-c", config(tmp_path, "slow_net")], tmp_path)
+    args = ["explain", images, "-o", out, "-c", config(tmp_path, "slow_net"), "--workers", workers]
+    process = start(args, tmp_path)
     wait_for_summaries(out, 4, process)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole group, workers too
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
