@@ -66,13 +66,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--png", default="fast", choices=["fast", "small"])
     args = parser.parse_args()
     raw = {
         "model": {"arch": args.arch},
         "explain": {"batch_size": args.batch_size, "workers": args.workers, "device": args.device},
+        "output": {"png": args.png},
     }
     config = build(raw, Path.cwd())
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +91,9 @@ def main() -> None:
     device = pick_device(args.device)
     print(f"{args.arch}, {n} JPEGs 640x480, batch {args.batch_size}, {args.workers} workers, {device}")
     print(f"inference-only loop : {p:7.2f} s  {n / p:6.2f} images/s")
-    print(f"full explain run    : {f:7.2f} s  {n / f:6.2f} images/s  (hirescam+gradcam, PNGs, JSON)")
+    print(
+        f"full explain run    : {f:7.2f} s  {n / f:6.2f} images/s  (hirescam+gradcam, {args.png} PNGs, JSON)"
+    )
     print(f"ratio full / inference-only: {f / p:.3f}x")
 
 

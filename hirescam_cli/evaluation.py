@@ -15,7 +15,7 @@ from .methods import METHODS
 from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
-from .pipeline import Progress, make_preprocess, pick_device
+from .pipeline import Progress, default_batch_size, make_preprocess, pick_device
 
 METRICS = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
 
@@ -64,9 +64,9 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
     model = loaded.module.to(device)
     preprocess = make_preprocess(config.preprocess, loaded.transforms)
     items = discover(images)
-    loader = make_loader(
-        ImageDataset(items, preprocess, config.preprocess.max_pixels), 16, config.explain.workers
-    )
+    dataset = ImageDataset(items, preprocess, config.preprocess.max_pixels)
+    batch_size = config.explain.batch_size or default_batch_size(device)
+    loader = make_loader(dataset, batch_size, config.explain.workers)
     score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in METRICS} for m in METHODS}
     problems: list[str] = []
