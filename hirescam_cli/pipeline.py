@@ -85,7 +85,7 @@ def class_ids(classes: tuple[int | str, ...] | None, labels: list[str] | None) -
             close = difflib.get_close_matches(value, labels or [], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else " (no labels are known; use class ids)"
             raise ConfigError(f"explain.classes: unknown label {value!r}{hint}")
-    return ids
+    return list(dict.fromkeys(ids))
 
 
 def fingerprint(config: Config, model: LoadedModel, preprocess: Preprocess) -> str:
@@ -403,14 +403,18 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
             )
 
         summary = image_summary(numbers, row, base, methods, loaded.labels, result.guarantee, files)
-        jobs[index] = writers.submit(_write_image, outdir, item, summary, pictures, raw_maps, row)
+        columns = [t for t, valid in enumerate(numbers["valid"][row]) if valid]  # of summary["targets"]
+        jobs[index] = writers.submit(_write_image, outdir, item, summary, pictures, raw_maps, row, columns)
     return jobs
 
 
-def _write_image(outdir: OutputDir, item: InputItem, summary: dict, pictures, raw_maps, row: int) -> dict:
-    """Write one image's PNGs (and raw maps), then its summary last; returns its results record."""
+def _write_image(outdir: OutputDir, item: InputItem, summary: dict, pictures, raw_maps, row, columns) -> dict:
+    """Write one image's PNGs (and raw maps), then its summary last; returns its results record.
+
+    `columns[i]` is the target axis of `pictures` that holds summary["targets"][i].
+    """
     height, width = summary["height"], summary["width"]
-    for t, target in enumerate(summary["targets"]):
+    for t, target in zip(columns, summary["targets"], strict=True):
         for method, files in target["maps"].items():
             outdir.write_png(outdir.root / files["png"], pictures[method][row, t, :height, :width])
             if raw_maps is not None:

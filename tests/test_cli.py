@@ -355,3 +355,32 @@ def test_classes_by_label_name_and_signed_maps(tmp_path, capsys):
         "hirescam-0.png",
         "gradcam-0.png",
     }
+
+
+def test_threshold_targets_each_get_their_own_class_map(tmp_path, capsys):
+    from tiny_models import tiny_net
+
+    from hirescam_cli import Explainer
+    from hirescam_cli.data import decode
+
+    text = CONFIG.format(factory="tiny_net").replace("[preprocess]", "multilabel = true\n[preprocess]")
+    (tmp_path / "c.toml").write_text(text)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        rgb(18, 18, i).save(images / f"{i}.png")
+    args = ["explain", images, "-o", tmp_path / "out", "-c", tmp_path / "c.toml", "--threshold", "0.5"]
+    assert run([*args, "--save-raw", "-q"], capsys)[0] == 0
+    preprocess = Preprocess(16, 16, (0.5,) * 3, (0.5,) * 3)
+    counts = set()
+    with Explainer(tiny_net(), "3") as explainer:
+        for i in range(8):
+            summary = json.loads((tmp_path / f"out/{i}.png/summary.json").read_text())
+            counts.add(len(summary["targets"]))
+            x, _ = preprocess(decode((images / f"{i}.png").read_bytes(), None))
+            for target in summary["targets"]:
+                assert target["probability"] >= 0.5
+                expected = explainer(x[None], classes=target["class"]).maps["hirescam"][0, 0]
+                raw = np.load(tmp_path / "out" / target["maps"]["hirescam"]["raw"])
+                np.testing.assert_allclose(raw, expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert len(counts) > 1, "the images should differ in how many classes pass"
