@@ -290,22 +290,25 @@ def _check_whole(config: Config) -> None:
 
 
 def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a config file (the shipped demo config when None) and apply flag overrides.
+    """Read a config file and apply flag overrides.
 
-    `overrides` maps "section.key" to a value; None values are ignored. Paths given as flags
-    resolve against the current folder, paths in the file against the file's folder.
+    `overrides` maps "section.key" to a value; None values are ignored. Without a file, the
+    shipped demo config is the base, unless the flags name a model of their own (--model), which
+    then starts from the built-in defaults. A model named by flags replaces the file's whole
+    [model] table. Paths given as flags resolve against the current folder, paths in the file
+    against the file's folder.
     """
-    path = DEFAULT_CONFIG if path is None else Path(path)
-    raw = read_toml(path)
-    base = path.resolve().parent
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    new_model = "model.arch" in flags or "model.factory" in flags
+    if path is None and new_model:
+        path, raw, base = None, {}, Path.cwd()
+    else:
+        path = DEFAULT_CONFIG if path is None else Path(path)
+        raw, base = read_toml(path), path.resolve().parent
+    if new_model:
+        raw["model"] = {}
     for dotted, value in flags.items():
         section, key = dotted.split(".")
-        if section == "model" and key in ("arch", "factory"):  # a new model source replaces the old
-            raw.setdefault("model", {}).pop("arch", None)
-            raw["model"].pop("factory", None)
-            raw["model"].pop("weights", None)
-            raw["model"].pop("checkpoint", None)
         if key in ("checkpoint", "labels"):
             value = str(Path(value).resolve())
         raw.setdefault(section, {})[key] = value

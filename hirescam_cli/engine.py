@@ -2,7 +2,7 @@
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,19 @@ class Explanation:
     baseline: Tensor  # (B, T): the score with the target layer's output set to zero
     guarantee: bool  # the head after the layer is affine, so HiResCAM sums to score - baseline
     target_layer: str
+
+    def select(self, rows: Tensor) -> "Explanation":
+        """The same explanation restricted to some of the batch's images."""
+        return replace(
+            self,
+            maps={name: maps[rows] for name, maps in self.maps.items()},
+            classes=self.classes[rows],
+            scores=self.scores[rows],
+            logits=self.logits[rows],
+            valid=self.valid[rows],
+            completeness_gap=self.completeness_gap[rows],
+            baseline=self.baseline[rows],
+        )
 
 
 @dataclass(frozen=True)

@@ -275,8 +275,12 @@ class ExplainRun:
         records: dict[int, dict | Future] = {i: _skipped(items[i]) for i, _ in batch.skipped}
         records |= {i: _failed(items[i], error) for i, error in batch.failed}
         if batch.indices:
-            x = batch.inputs.to(self.device, non_blocking=True)
-            result = _explain(self.explainer, x, self.config, self.classes)
+            # Every image keeps its slot in a full-size batch (skipped and failed ones leave theirs
+            # empty), so a resumed run computes each image with exactly the arithmetic of a whole run.
+            slots = torch.tensor([i % self.batch_size for i in batch.indices], device=self.device)
+            x = torch.zeros((self.batch_size, *batch.inputs.shape[1:]), device=self.device)
+            x[slots] = batch.inputs.to(self.device, non_blocking=True)
+            result = _explain(self.explainer, x, self.config, self.classes).select(slots)
             self.guarantee = result.guarantee
             pictures = renderer(result, batch, self.device)
             records |= _submit(

@@ -206,3 +206,49 @@ def test_offline_torchvision_weights_say_to_pass_a_checkpoint(tmp_path, capsys, 
         ["explain", tmp_path / "images", "-o", tmp_path / "out", "-c", tmp_path / "c.toml"], capsys
     )
     assert code == 2 and "set model.checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_torchvision_weights_name_with_a_local_checkpoint(tmp_path, capsys, monkeypatch):
+    """Offline use of a torchvision model: the weights' preset and labels, the file's tensors."""
+    import torchvision
+
+    def offline(*_args, **_kwargs):
+        raise AssertionError("must not download when a checkpoint is given")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    folder(tmp_path / "images", 1, size=(300, 200))
+    args = ["explain", tmp_path / "images", "-o", tmp_path / "out", "--model", "resnet18", "-q"]
+    args += ["--weights", "IMAGENET1K_V1", "--checkpoint", tmp_path / "resnet18.pth", "--workers", "0"]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out/000.png/summary.json").read_text())
+    categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    assert summary["model"] == "resnet18 (IMAGENET1K_V1) + resnet18.pth"
+    assert summary["predictions"][0]["label"] == categories[summary["predictions"][0]["class"]]
+    assert summary["target_layer"] == "layer4" and summary["targets"][0]["guarantee"] is True
+    run_info = json.loads((tmp_path / "out/run.json").read_text())
+    assert "resize=256" in run_info["preprocess"] and "crop=224" in run_info["preprocess"]
+
+
+def test_resumed_images_are_computed_bit_for_bit_as_in_a_whole_run(tmp_path, capsys):
+    """A resumed batch holds fewer images; each keeps its slot, so even raw float maps match."""
+    import shutil
+
+    images = folder(tmp_path / "images", 9)
+    out = tmp_path / "out"
+    args = ["explain", images, "-o", out, "-c", config(tmp_path), "--save-raw", "-q"]
+    assert run(args, capsys)[0] == 0
+    whole = tree(out)
+    for name in ("000.png", "001.png", "002.png", "005.png"):
+        shutil.rmtree(out / name)
+    assert run(args, capsys)[0] == 0
+    statuses = [json.loads(line)["status"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert statuses.count("ok") == 4 and statuses.count("skipped") == 5
+    redone = {
+        k: v for k, v in tree(out).items() if k.split("/")[0] in {"000.png", "001.png", "002.png", "005.png"}
+    }
+    assert any(k.endswith(".npy") for k in redone)
+    assert redone == {k: whole[k] for k in redone}
+    assert tree(out).keys() == whole.keys()
