@@ -171,13 +171,20 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_plain_checkpoint_loads_and_changes_the_result(tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["plain", "nested", "dataparallel"])
+def test_plain_checkpoint_loads_and_changes_the_result(tmp_path, capsys, layout):
     from tiny_models import tiny_net
 
     model = tiny_net()
     with torch.no_grad():
         model[5].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))  # class 2 wins everywhere
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
+    state = model.state_dict()
+    saved = {
+        "plain": state,
+        "nested": {"state_dict": state, "epoch": 3},
+        "dataparallel": {f"module.{k}": v for k, v in state.items()},
+    }[layout]
+    torch.save(saved, tmp_path / "ckpt.pt")
     folder(tmp_path / "images", 2)
     args = ["explain", tmp_path / "images", "-o", tmp_path / "out", "-c", config(tmp_path), "-q"]
     assert run([*args, "--checkpoint", tmp_path / "ckpt.pt"], capsys)[0] == 0
