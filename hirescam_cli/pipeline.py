@@ -174,15 +174,16 @@ class Renderer:
     """Raw maps of a batch -> overlay images at each original size, batched on the device."""
 
     def __init__(self, config: Config, device: torch.device):
+        self.device = device
         self.alpha = config.render.alpha
         self.signed = config.render.signed
         self.table = render.colormap_table(config.render.colormap, device)
         self.signed_table = render.colormap_table(config.render.signed_colormap, device)
 
-    def __call__(self, result: Explanation, batch: Batch, device: torch.device) -> dict[str, np.ndarray]:
+    def __call__(self, result: Explanation, batch: Batch) -> dict[str, np.ndarray]:
         """method -> uint8 (B, T, H_max, W_max, 3) on the host."""
-        images = render.pad_images(batch.images, device)
-        boxes = batch.boxes.to(device)
+        images = render.pad_images(batch.images, self.device)
+        boxes = batch.boxes.to(self.device)
         count, height, width = len(batch.images), images.shape[2], images.shape[3]
         out = {}
         for name, maps in result.maps.items():
@@ -282,7 +283,7 @@ class ExplainRun:
             x[slots] = batch.inputs.to(self.device, non_blocking=True)
             result = _explain(self.explainer, x, self.config, self.classes).select(slots)
             self.guarantee = result.guarantee
-            pictures = renderer(result, batch, self.device)
+            pictures = renderer(result, batch)
             records |= _submit(
                 writers, self.out, batch, result, pictures, items, self.loaded, self.config, self.fingerprint
             )
