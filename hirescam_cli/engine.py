@@ -274,7 +274,7 @@ class Explainer:
         with torch.inference_mode():
             _, (act,) = self._run_with(x, lambda out: out)
             generator = torch.Generator().manual_seed(_PROBE_SEED)
-            scale = act.float().std().clamp_min(1e-3)
+            scale = float(act.float().std().clamp_min(1e-3))
             r1, r2 = (torch.randn(act.shape, generator=generator) * scale for _ in range(2))
             r1, r2 = r1.to(act), r2.to(act)
             zero = torch.zeros_like(act)
