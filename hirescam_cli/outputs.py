@@ -102,6 +102,27 @@ class OutputDir:
         """Remove the temp folder."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Writer processes get the paths; each makes its own lock and temp-name counter."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_names")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _names=itertools.count())
+
+
+def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
+    """Write one image's PNGs (and raw maps), then its summary last, so a summary means complete.
+
+    `pictures[method]` is uint8 (T, H, W, 3) and `raw_maps[method]` float32 (T, h, w) (or None),
+    where T runs over summary["targets"] in order.
+    """
+    for t, target in enumerate(summary["targets"]):
+        for method, files in target["maps"].items():
+            outdir.write_png(outdir.root / files["png"], pictures[method][t])
+            if raw_maps is not None:
+                outdir.write_npy(outdir.root / files["raw"], raw_maps[method][t])
+    outdir.write_json(outdir.summary_path(key), summary)
+
 
 class ResultsLog:
     """results.jsonl: lines arrive in input order and are renamed into place when the run ends."""

@@ -4,11 +4,12 @@ import collections
 import difflib
 import hashlib
 import json
+import os
 import platform
 import signal
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .engine import Explainer, Explanation
 from .models import LoadedModel, load_model
 from .outputs import RESERVED, SCHEMA, OutputDir, OutputError, ResultsLog, describe
 from .summary import batch_numbers, image_summary
+from .writers import ImageJob, Writers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -56,6 +58,20 @@ def default_batch_size(device: torch.device) -> int:
     """Images per batch when the config leaves it open: on CPUs, batches whose activations fit
     the allocator's reuse threshold beat larger ones; GPUs want more work per launch."""
     return 32 if device.type == "cuda" else 8
+
+
+def writer_processes(device: torch.device) -> int:
+    """Processes that encode and write outputs: on a GPU the loop feeding it must keep the GIL to
+    itself (threads encoding PNGs next to it slow every kernel launch); on a CPU, threads suffice."""
+    return max(2, len(os.sched_getaffinity(0)) // 3) if device.type == "cuda" else 0
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied to host memory: page-locked from CUDA (several times faster); call
+    `torch.cuda.current_stream().synchronize()` before reading it."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 def make_preprocess(config: PreprocessConfig, transforms: Any) -> Preprocess:
@@ -199,8 +215,10 @@ class Renderer:
                 image = images[part].repeat_interleave(targets, 0)
                 resampled, inside = render.register(flat, box, height, width)
                 table = self.signed_table if signed else self.table
-                pictures.append(render.overlay(resampled, image, inside, table, self.alpha, signed).cpu())
+                pictures.append(to_host(render.overlay(resampled, image, inside, table, self.alpha, signed)))
             out[name] = torch.cat(pictures).unflatten(0, (count, targets)).numpy()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         return out
 
 
@@ -245,7 +263,7 @@ class ExplainRun:
         """Stream every batch, then write the ledgers; returns the exit code."""
         self.say(f"{len(self.items)} images, model {self.loaded.name}, layer {self.layer}, on {self.device}")
         progress = Progress(len(self.items), self.quiet)
-        writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hirescam-writer")
+        writers = Writers(writer_processes(self.device))
         renderer = Renderer(self.config, self.device)
         try:
             with StopFlag() as stop, torch.no_grad():
@@ -262,14 +280,14 @@ class ExplainRun:
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
-            writers.shutdown(wait=True)
+            writers.shutdown()
             self._drain(limit=0)
             progress.close()
             self.explainer.close()
         return self._finish()
 
     def _batch(
-        self, batch: Batch, renderer: "Renderer", writers: ThreadPoolExecutor
+        self, batch: Batch, renderer: "Renderer", writers: Writers
     ) -> dict[int, dict | Future]:
         """Records of the batch's skipped and failed inputs, and write jobs for its good ones."""
         items = self.items
@@ -298,7 +316,8 @@ class ExplainRun:
             index, record = pending.popleft()
             if isinstance(record, Future):
                 try:
-                    record = record.result()
+                    record.result()
+                    record = _done(self.items[index])
                 except (OSError, OutputError) as e:
                     self.output_error = self.output_error or describe(e)
                     record = _failed(self.items[index], f"cannot write outputs: {describe(e)}")
@@ -351,6 +370,10 @@ class ExplainRun:
         self.out.write_json(self.out.root / "run.json", run)
 
 
+def _done(item: InputItem) -> dict:
+    return {"input": item.shown, "status": "ok", "summary": f"{item.key}/summary.json"}
+
+
 def _skipped(item: InputItem) -> dict:
     return {"input": item.shown, "status": "skipped", "summary": f"{item.key}/summary.json"}
 
@@ -387,7 +410,7 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
     methods = config.explain.methods
     numbers = batch_numbers(result, batch.boxes, config.model.multilabel)
     raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if config.output.save_raw else None
-    jobs = {}
+    jobs = []
     for row, index in enumerate(batch.indices):
         item, image = items[index], batch.images[row]
         base = {
@@ -409,20 +432,6 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
 
         summary = image_summary(numbers, row, base, methods, loaded.labels, result.guarantee, files)
         columns = [t for t, valid in enumerate(numbers["valid"][row]) if valid]  # of summary["targets"]
-        jobs[index] = writers.submit(_write_image, outdir, item, summary, pictures, raw_maps, row, columns)
-    return jobs
-
-
-def _write_image(outdir: OutputDir, item: InputItem, summary: dict, pictures, raw_maps, row, columns) -> dict:
-    """Write one image's PNGs (and raw maps), then its summary last; returns its results record.
-
-    `columns[i]` is the target axis of `pictures` that holds summary["targets"][i].
-    """
-    height, width = summary["height"], summary["width"]
-    for t, target in zip(columns, summary["targets"], strict=True):
-        for method, files in target["maps"].items():
-            outdir.write_png(outdir.root / files["png"], pictures[method][row, t, :height, :width])
-            if raw_maps is not None:
-                outdir.write_npy(outdir.root / files["raw"], raw_maps[method][row, t])
-    outdir.write_json(outdir.summary_path(item.key), summary)
-    return {"input": item.shown, "status": "ok", "summary": f"{item.key}/summary.json"}
+        raw = {m: raw_maps[m][row, columns] for m in methods} if raw_maps is not None else None
+        jobs.append(ImageJob(item.key, summary, row, columns, raw))
+    return dict(zip(batch.indices, writers.submit(outdir, pictures, jobs), strict=True))
