@@ -429,6 +429,7 @@ class ExplainRun:
         lost and the job's counts."""
         tick = lambda: progress.advance_to(*self.job.progress(0, 0))  # noqa: E731 - the others' progress
         reports = self.job.reports(lambda: stop.stopped, tick)
+        tick()
         done = sorted(rank for rank, report in reports.items() if report["shared"])
         lost = sorted(set(range(self.job.world)) - set(done))
         counts = merge_results(self.out, [self.job_dir / f"rank{rank}.jsonl" for rank in done])
