@@ -253,21 +253,31 @@ def run_explain(
     `inputs_from`: a file listing one path per line ("-": standard input); `allow_empty`: no image at
     all is a normal outcome (exit 0); `wait`: wait for another run that holds OUT's lock.
     """
+    started = time.time()
     listed = read_list(inputs_from) if inputs_from is not None else None
     with catalogue(inputs, RESERVED, exclude=out, listed=listed, allow_empty=allow_empty) as items:
         if not items:
             if not quiet:
                 print("hirescam: no images found, nothing to do (--allow-empty)", file=sys.stderr, flush=True)
             return EXIT_OK
-        return ExplainRun(config, items, out, overwrite, quiet, wait).run()
+        return ExplainRun(config, items, out, overwrite, quiet, wait, started).run()
 
 
 class ExplainRun:
     """One `hirescam explain` process: set up (failing fast on usage errors), take OUT's lock (rank 0),
     stream this process's batches, finish the ledgers (rank 0 merges every process's share)."""
 
-    def __init__(self, config: Config, items: Catalogue, out: Path, overwrite: bool, quiet: bool, wait: bool):
-        self.started = time.time()
+    def __init__(
+        self,
+        config: Config,
+        items: Catalogue,
+        out: Path,
+        overwrite: bool,
+        quiet: bool,
+        wait: bool,
+        started: float,
+    ):
+        self.started = started  # before discovery
         self.config, self.items = config, items
         self.job = Job.from_env()
         self.quiet = quiet or not self.job.lead  # progress and messages are shown once, by rank 0
@@ -324,6 +334,8 @@ class ExplainRun:
         processes = f", {self.job.world} processes" if self.job.world > 1 else ""
         where = f"on {self.device}{processes}"
         self.say(f"{len(self.items)} images, model {self.loaded.name}, layer {self.layer}, {where}")
+        if self.config.output.png == "fast" and png_encoder("fast") != "fpng":
+            self.say("fpng cannot be imported here: PNGs are encoded with zlib (slower, smaller)")
         progress = Progress(len(self.items), self.quiet)
         writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hirescam-writer")
         renderer = Renderer(self.config, self.device)
