@@ -250,12 +250,15 @@ def _insert_listed(db, listed, skip, outside, real_folder) -> str | None:
             path = os.path.abspath(line)
             is_folder = os.path.isdir(path)
             folder, name = (path, "") if is_folder else os.path.split(path)
+            real = real_folder(path) if is_folder else os.path.join(real_folder(folder), name)
+            if not outside(real + os.sep, real=str):  # OUT itself, or in it
+                continue
             if folder != last:  # find lists a folder's files together: one commonpath per folder
                 last = folder
                 common = folder if common is None else os.path.commonpath([common, folder])
             if is_folder:
                 yield from _walk([path], skip)
-            elif outside(os.path.join(real_folder(folder), name), real=str):
+            else:
                 yield path
 
     _insert(db, files())

@@ -237,6 +237,11 @@ def test_inputs_from_stdin_match_the_same_inputs_as_arguments(tmp_path, capsys, 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(listed + b"\n")))
     assert run(["explain", "--inputs-from", "-", "-o", tmp_path / "stdin", "-c", cfg, "-q"], capsys)[0] == 0
     assert tree(tmp_path / "stdin") == tree(tmp_path / "args")
+    own = next((tmp_path / "stdin").glob("*/*.png"))  # `find .` lists OUT's files and folders: not taken
+    more = b"".join(os.fsencode(p) + b"\n" for p in (own, own.parent, tmp_path / "stdin"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(listed + more)))
+    assert run(["explain", "--inputs-from", "-", "-o", tmp_path / "stdin", "-c", cfg, "-q"], capsys)[0] == 0
+    assert [r["status"] for r in records(tmp_path / "stdin")] == ["skipped"] * 5
 
 
 def test_inputs_from_a_file_through_a_pipe_and_a_missing_listed_file(tmp_path, capsys):
