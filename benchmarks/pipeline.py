@@ -1,10 +1,13 @@
 """End-to-end images/s of `hirescam explain` against a decode + preprocess + inference-only loop.
 
-    python benchmarks/pipeline.py [--images 256] [--arch resnet50] [--rounds 2] [--workers 2]
+    python benchmarks/pipeline.py [--images 256] [--arch resnet50] [--rounds 2] [--workers N]
+                                  [--batch-size N] [--device auto|cpu|cuda] [--amp] [--png fast|small]
 
 Generates a folder of 640x480 JPEGs, then alternates the two runs over the same DataLoader
 settings: the inference-only loop (read, decode, preprocess, forward under inference_mode) and
 the full run (both maps, PNG overlays, JSON summaries, results.jsonl). Prints the ratio.
+Workers, torch threads and batch size default to what `hirescam explain` chooses on this machine
+(resources.py); both sides use the same values.
 """
 
 import argparse
@@ -18,8 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hirescam_cli import resources
 from hirescam_cli.config import build
-from hirescam_cli.data import ImageDataset, discover, make_loader
+from hirescam_cli.data import ImageDataset, make_loader
+from hirescam_cli.discovery import discover
 from hirescam_cli.models import load_model
 from hirescam_cli.pipeline import make_preprocess, pick_device, run_explain
 
@@ -36,18 +41,19 @@ def make_images(folder: Path, count: int) -> None:
 
 
 def inference_only(config, inputs: list[str]) -> float:
-    """Seconds for the same loader feeding a plain inference forward."""
+    """Seconds for the same loader (same workers, threads, batch size) feeding a plain inference forward."""
     loaded = load_model(config.model)
     device = pick_device(config.explain.device)
+    chosen = resources.choose(device, config.explain.workers, config.explain.batch_size)
+    torch.set_num_threads(chosen.threads)
     model = loaded.module.to(device)
     dataset = ImageDataset(
         discover(inputs), make_preprocess(config.preprocess, None), config.preprocess.max_pixels
     )
-    loader = make_loader(
-        dataset, config.explain.batch_size, config.explain.workers, pin_memory=device.type == "cuda"
-    )
+    loader = make_loader(dataset, chosen.batch_size, chosen.workers, pin_memory=device.type == "cuda")
+    amp = torch.autocast(device.type, enabled=config.explain.amp and device.type == "cuda")
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp:
         for batch in loader:
             model(batch.inputs.to(device, non_blocking=True)).argmax(1).cpu()
     return time.perf_counter() - start
@@ -66,14 +72,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, help="default: by device, as hirescam explain")
+    parser.add_argument("--workers", type=int, help="default: by cores and device, as hirescam explain")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action="store_true", help="mixed precision forward (CUDA), both sides")
     parser.add_argument("--png", default="fast", choices=["fast", "small"])
     args = parser.parse_args()
+    explain = {"batch_size": args.batch_size, "workers": args.workers, "device": args.device, "amp": args.amp}
     raw = {
         "model": {"arch": args.arch},
-        "explain": {"batch_size": args.batch_size, "workers": args.workers, "device": args.device},
+        "explain": {k: v for k, v in explain.items() if v is not None},
         "output": {"png": args.png},
     }
     config = build(raw, Path.cwd())
@@ -89,12 +97,14 @@ def main() -> None:
     n = args.images
     p, f = statistics.median(plain), statistics.median(full)
     device = pick_device(args.device)
-    print(f"{args.arch}, {n} JPEGs 640x480, batch {args.batch_size}, {args.workers} workers, {device}")
+    chosen = resources.choose(device, args.workers, args.batch_size)
+    setup = f"batch {chosen.batch_size}, {chosen.workers} workers, {chosen.threads} threads"
+    print(f"{args.arch}, {n} JPEGs 640x480, {setup} ({chosen.cores} usable cores), {device}, amp {args.amp}")
     print(f"inference-only loop : {p:7.2f} s  {n / p:6.2f} images/s")
     print(
         f"full explain run    : {f:7.2f} s  {n / f:6.2f} images/s  (hirescam+gradcam, {args.png} PNGs, JSON)"
     )
-    print(f"ratio full / inference-only: {f / p:.3f}x")
+    print(f"ratio full / inference-only: {f / p:.3f}x (time); throughput {p / f:.2f}x the loop's")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ import torch
 
 from . import __version__
 from .config import ConfigError, load
-from .data import InputError
+from .discovery import InputError
 from .evaluation import run_eval
 from .layers import choose_auto, trace_layers
+from .lock import OutputLocked
 from .models import ModelError, load_model
 from .outputs import OutputError
-from .pipeline import EXIT_OUTPUT, EXIT_USAGE, make_preprocess, run_explain
+from .pipeline import EXIT_LOCKED, EXIT_OUTPUT, EXIT_USAGE, make_preprocess, run_explain
 
 USAGE_ERRORS = (ConfigError, ModelError, InputError)
 
@@ -45,8 +46,13 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "--inputs-from", metavar="FILE", help="Also explain the paths listed in FILE, one per line ('-': stdin)."
+)
+@click.option("--allow-empty", is_flag=True, help="No image found is not an error: exit 0.")
+@click.option("--wait", is_flag=True, help="If another run holds OUT, wait for it instead of exiting 4.")
 @config_option
 @click.option("--model", help="torchvision model name, or package.module:callable (runs that code).")
 @click.option("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2.")
@@ -60,7 +66,7 @@ def cli() -> None:
 @click.option("--classes", help="Comma list of class ids or label names to explain.")
 @click.option("--threshold", type=float, help="Multi-label: explain every class with sigmoid >= this.")
 @click.option("--batch-size", type=int)
-@click.option("--workers", type=int, help="Decoding processes (0: in the main process).")
+@click.option("--workers", type=int, help="Decoding processes (0: in the main process; default: by cores).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision forward (CUDA).")
 @click.option("--colormap", help="Matplotlib colormap name.")
@@ -71,8 +77,10 @@ def cli() -> None:
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels than this.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def explain(inputs, out, config, model, overwrite, quiet, **flags) -> None:
+def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_empty, wait, **flags) -> None:
     """Explain image files, folders (recursive) or glob patterns into OUT."""
+    if not inputs and inputs_from is None:
+        raise click.UsageError("give INPUTS, or --inputs-from FILE")
     overrides = {
         **_model_flags(model),
         "model.weights": flags["weights"],
@@ -95,7 +103,8 @@ def explain(inputs, out, config, model, overwrite, quiet, **flags) -> None:
         "preprocess.max_pixels": flags["max_pixels"],
     }
     settings = load(config, overrides)
-    sys.exit(run_explain(settings, list(inputs), out, overwrite=overwrite, quiet=quiet))
+    options = {"wait": wait, "inputs_from": inputs_from, "allow_empty": allow_empty}
+    sys.exit(run_explain(settings, list(inputs), out, overwrite, quiet, **options))
 
 
 @cli.command()
@@ -152,6 +161,9 @@ def main() -> None:
     except OutputError as e:
         click.echo(f"hirescam: error: {e}", err=True)
         sys.exit(EXIT_OUTPUT)
+    except OutputLocked as e:
+        click.echo(f"hirescam: error: {e}", err=True)
+        sys.exit(EXIT_LOCKED)
     except KeyboardInterrupt:
         click.echo("hirescam: interrupted", err=True)
         sys.exit(130)

@@ -46,7 +46,7 @@ class ExplainConfig:
     classes: tuple[int | str, ...] | None = None
     threshold: float | None = None
     batch_size: int | None = None  # None: 8 on CPU (faster there than larger batches), 32 on GPUs
-    workers: int = 2
+    workers: int | None = None  # None: from the usable cores and the device (resources.py)
     device: str = "auto"
     amp: bool = False
 

@@ -1,6 +1,6 @@
-"""Input discovery, image decoding and preprocessing that keeps the geometry back to the original image.
+"""Image decoding and preprocessing that keeps the geometry back to the original image.
 
-Data flows: ``discover`` (arguments -> sorted ``InputItem`` list) -> ``ImageDataset`` (read, hash, decode,
+Data flows: ``discovery`` (arguments -> sorted ``InputItem``s) -> ``ImageDataset`` (read, hash, decode,
 preprocess; never raises for a bad image) -> ``collate`` (good / skipped / failed) -> ``Batch``.
 """
 
@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import functools
-import glob
 import hashlib
 import io
-import logging
-import os
 import signal
 import threading
-import unicodedata
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +22,10 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFile, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from torchvision.transforms import InterpolationMode
 
-logger = logging.getLogger(__name__)
-
-# Pillow formats that are not raster images we can decode: write-only (PDF, PALM), stubs without a
-# decoder (BUFR, GRIB, HDF5, WMF), video (MPEG) and PostScript, which would run Ghostscript on the data.
-_NOT_DECODABLE = frozenset({"BUFR", "EPS", "GRIB", "HDF5", "MPEG", "PALM", "PDF", "WMF"})
+from .discovery import NOT_DECODABLE, InputItem
 
 # Transparent pixels are composited over this fixed background.
 BACKGROUND = (255, 255, 255)
@@ -43,265 +34,8 @@ BACKGROUND = (255, 255, 255)
 _PILLOW_LOCK = threading.Lock()
 
 
-class InputError(ValueError):
-    """A usage problem with the INPUTS arguments (nothing matched, path missing); the message is one line."""
-
-
 class ImageError(Exception):
     """One image could not be used; str(error) is a one-line human reason."""
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One image to explain: the file to read and the unique relative key that names its outputs."""
-
-    path: Path
-    key: str
-
-    @property
-    def shown(self) -> str:
-        """The path as printable UTF-8 text, for messages and JSON."""
-        return _printable(str(self.path))
-
-
-# ---------------------------------------------------------------------------------------------------
-# discovery
-
-
-@functools.cache
-def image_extensions() -> frozenset[str]:
-    """Lower-case extensions (".jpg") of the image formats Pillow can decode here."""
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt not in _NOT_DECODABLE)
-
-
-def discover(
-    inputs: Sequence[str | Path], reserved: Collection[str] = (), exclude: str | Path | None = None
-) -> list[InputItem]:
-    """Expand files, folders and glob patterns into image inputs with unique keys, sorted by key.
-
-    - A path to a file is taken whatever its extension; a folder is walked recursively and keeps the
-      files whose extension is an image format (case-insensitive); an argument that is not an existing
-      path but contains ``*``, ``?`` or ``[`` is a glob pattern (``**`` matches any depth), whose matching
-      folders are walked and matching files kept when they have an image extension.
-    - Walks and wildcards skip hidden names (starting with ``.``), follow symlinked folders without ever
-      entering the same real folder twice (a folder reachable directly is listed under its direct path,
-      not through a symlink), skip special files (pipes, devices), skip unreadable subfolders with a
-      logged warning, and LIST broken symlinks with an image extension so that they end as a visible
-      per-image error rather than vanish.
-    - Keys are relative to the deepest common folder of the arguments (a file counts as its folder,
-      a pattern as its literal leading folders), made printable and unique (see ``_unique_keys``).
-    - Nothing inside the folder `exclude` (the output folder) is taken, so reruns never explain outputs.
-    - Keys never start with a name in `reserved` (names the output folder uses itself).
-    - Raises InputError for an empty argument list, a missing path, or an argument yielding no image.
-    """
-    if not inputs:
-        raise InputError("no inputs given")
-    bases: list[str] = []
-    found: list[str] = []
-    skip, excluded = set(), os.path.realpath(exclude) + os.sep if exclude is not None else None
-    if exclude is not None and os.path.isdir(exclude):
-        skip.add(_folder_id(str(exclude)))
-
-    def kept(files: list[str]) -> list[str]:
-        """Named or matched files, less those inside `exclude` (walks prune it themselves)."""
-        return [f for f in files if excluded is None or not os.path.realpath(f).startswith(excluded)]
-
-    for raw in inputs:
-        text = os.fspath(raw)
-        path = os.path.abspath(text)
-        shown = _printable(text)
-        if os.path.isdir(path):
-            try:
-                with os.scandir(path):
-                    pass
-            except OSError as error:
-                raise InputError(f"cannot read folder {shown}: {error.strerror}") from None
-            base, files = path, list(_walk([path], skip))
-            if not files:
-                raise InputError(f"no image files found in folder {shown}")
-        elif os.path.lexists(path):
-            base, files = os.path.dirname(path), kept([path])
-        elif glob.has_magic(path):
-            base, matched_files, matched_folders = _glob(path)
-            files = kept([f for f in matched_files if _is_image_name(f)]) + list(_walk(matched_folders, skip))
-            if not files:
-                raise InputError(f"no image files match {shown}")
-        else:
-            raise InputError(f"no such file or folder: {shown}")
-        bases.append(base)
-        found.extend(files)
-    paths = sorted(set(found))
-    common = os.path.commonpath(bases)
-    keys = _unique_keys([os.path.relpath(p, common) for p in paths], reserved)
-    items = (InputItem(Path(p), k) for p, k in zip(paths, keys, strict=True))
-    return sorted(items, key=lambda item: item.key)
-
-
-def _is_image_name(path: str) -> bool:
-    """Whether a file name has an image extension (case-insensitive)."""
-    return os.path.splitext(path)[1].lower() in image_extensions()
-
-
-def _kind(entry: os.DirEntry[str]) -> str | None:
-    """Classify a directory entry as "dir", "file" (regular file or broken symlink) or None (skip)."""
-    try:
-        if entry.is_dir():
-            return "dir"
-        if entry.is_file():
-            return "file"
-    except OSError:  # a symlink loop: treated like a broken link below
-        pass
-    return "file" if entry.is_symlink() and not os.path.exists(entry.path) else None
-
-
-def _list(folder: str) -> list[os.DirEntry[str]] | None:
-    """The entries of a folder sorted by name, or None (with a logged warning) when it cannot be read."""
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(entries, key=lambda entry: entry.name)
-    except OSError as error:
-        logger.warning("skipping folder %s: %s", _printable(folder), error.strerror)
-        return None
-
-
-def _folder_id(folder: str) -> tuple[int, int] | None:
-    """The (device, inode) identity of a folder after symlinks, or None if it cannot be reached."""
-    try:
-        st = os.stat(folder)
-    except OSError as error:
-        logger.warning("skipping folder %s: %s", _printable(folder), error.strerror)
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _walk(roots: Sequence[str], skip: Collection[tuple[int, int]] = ()) -> Iterator[str]:
-    """Yield the image files under the given folders, visiting each real folder once (direct paths first).
-
-    Folders whose identity is in `skip` are never entered.
-    """
-    visited: set[tuple[int, int]] = set(skip)
-    current = sorted(r for r in roots if not os.path.islink(r))
-    later = sorted(r for r in roots if os.path.islink(r))
-    while current:
-        stack = current[::-1]
-        while stack:
-            folder = stack.pop()
-            ident = _folder_id(folder)
-            if ident is None or ident in visited:
-                continue
-            visited.add(ident)
-            subfolders = []
-            for entry in _list(folder) or ():
-                if entry.name.startswith("."):
-                    continue
-                kind = _kind(entry)
-                if kind == "dir":
-                    (later if entry.is_symlink() else subfolders).append(entry.path)
-                elif kind == "file" and _is_image_name(entry.name):
-                    yield entry.path
-            stack.extend(reversed(subfolders))
-        current, later = sorted(later), []
-
-
-def _glob(pattern: str) -> tuple[str, list[str], list[str]]:
-    """Match an absolute, normalised glob pattern: its literal leading folder, matching files and folders.
-
-    Each component matches one name (``fnmatch`` syntax, hidden names only when the component starts with
-    ``.``); a ``**`` component matches any number of folders. Symlink loops are cut by visiting each real
-    folder at most once per pattern position.
-    """
-    parts = pattern.split(os.sep)
-    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-    base = os.sep.join(parts[:first]) or os.sep
-    parts = parts[first:]
-    if not os.path.isdir(base):
-        return base, [], []
-    files: list[str] = []
-    folders: list[str] = []
-    seen: set[tuple[tuple[int, int], int]] = set()
-    stack = [(base, 0)]
-    while stack:
-        folder, i = stack.pop()
-        ident = _folder_id(folder)
-        if ident is None or (ident, i) in seen:
-            continue
-        seen.add((ident, i))
-        part, last = parts[i], i == len(parts) - 1
-        if part == "**" and last:
-            folders.append(folder)  # the walk covers every depth below
-            continue
-        if part == "**":
-            stack.append((folder, i + 1))
-        for entry in _list(folder) or ():
-            if entry.name.startswith(".") and not part.startswith("."):
-                continue
-            if part != "**" and not fnmatch.fnmatchcase(entry.name, part):
-                continue
-            kind = _kind(entry)
-            if part == "**":
-                if kind == "dir":
-                    stack.append((entry.path, i))
-            elif last and kind is not None:
-                (folders if kind == "dir" else files).append(entry.path)
-            elif kind == "dir":
-                stack.append((entry.path, i + 1))
-    return base, files, folders
-
-
-def _escape_char(char: str) -> str:
-    """Percent-encode an undecodable byte (surrogate escape), control character or line break."""
-    if "\udc80" <= char <= "\udcff":
-        return f"%{ord(char) - 0xDC00:02X}"
-    if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
-        return "".join(f"%{byte:02X}" for byte in char.encode())
-    return char
-
-
-def _printable(text: str) -> str:
-    """Text safe to print on one line and to use in a file name: valid UTF-8, no control characters."""
-    text = os.fsencode(text).decode("utf-8", "surrogateescape")
-    return text if text.isprintable() else "".join(map(_escape_char, text))
-
-
-def _unique_keys(relative: Sequence[str], reserved: Collection[str] = ()) -> list[str]:
-    """Turn distinct relative paths into distinct printable POSIX keys.
-
-    Undecodable bytes, control characters and line breaks become ``%XX``. Keys that would then be equal
-    ignoring case (equal on a case-insensitive output disk) get ``~2``, ``~3``... before the extension,
-    the unchanged name (then the smallest raw name) keeping the plain key. Equality also ignores
-    Unicode normalisation (macOS disks). A first component in `reserved` (names the output folder
-    uses itself) gets a ``~`` appended.
-    """
-    safe = [_avoid_reserved(_printable(r).replace(os.sep, "/"), reserved) for r in relative]
-    taken = {_fold(key) for key in safe}
-    claimed: set[str] = set()
-    keys = list(safe)
-    order = sorted(range(len(safe)), key=lambda i: (safe[i] != relative[i], os.fsencode(relative[i])))
-    for i in order:
-        folded = _fold(safe[i])
-        if folded not in claimed:
-            claimed.add(folded)
-            continue
-        stem, ext = os.path.splitext(safe[i])
-        n = 2
-        while _fold(f"{stem}~{n}{ext}") in taken:
-            n += 1
-        keys[i] = f"{stem}~{n}{ext}"
-        taken.add(_fold(keys[i]))
-    return keys
-
-
-def _fold(key: str) -> str:
-    """The form under which two keys name the same file on case- and normalisation-insensitive disks."""
-    return unicodedata.normalize("NFC", key).casefold()
-
-
-def _avoid_reserved(key: str, reserved: Collection[str]) -> str:
-    """Append ``~`` to the first path component when it is a reserved name."""
-    first, sep, rest = key.partition("/")
-    if _fold(first) in {_fold(name) for name in reserved}:
-        return f"{first}~{sep}{rest}"
-    return key
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,7 +46,7 @@ def _avoid_reserved(key: str, reserved: Collection[str]) -> str:
 def _decodable_formats() -> tuple[str, ...]:
     """The Pillow formats decode() tries, identified by content."""
     Image.init()
-    return tuple(fmt for fmt in Image.OPEN if fmt not in _NOT_DECODABLE)
+    return tuple(fmt for fmt in Image.OPEN if fmt not in NOT_DECODABLE)
 
 
 def _one_line(error: BaseException) -> str:
@@ -333,7 +67,21 @@ def _pillow_limits() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _load(data: bytes, max_pixels: int | None) -> Image.Image:
+def _check_resized(width: int, height: int, resize: int | None, max_pixels: int | None) -> None:
+    """Refuse an aspect ratio so extreme that resizing its shorter side to `resize` would exceed max_pixels
+    (a 1 x 100000 strip at 256 is 256 x 25,600,000), before any pixel is decoded."""
+    if max_pixels is None or not isinstance(resize, int):
+        return
+    scale = resize / max(1, min(width, height))
+    resized_w, resized_h = round(width * scale), round(height * scale)
+    if resized_w * resized_h > max_pixels:
+        raise ImageError(
+            f"{width} x {height}: aspect ratio too extreme (resized to {resized_w} x {resized_h}, over the "
+            f"limit of {max_pixels} pixels, --max-pixels)"
+        )
+
+
+def _load(data: bytes, max_pixels: int | None, resize: int | None = None) -> Image.Image:
     """Identify the image, check its header size against max_pixels, then decode its first frame fully."""
     with _pillow_limits():
         Image.MAX_IMAGE_PIXELS = None  # the header size is checked below, naming the dimensions
@@ -347,6 +95,7 @@ def _load(data: bytes, max_pixels: int | None) -> Image.Image:
         if max_pixels is not None and width * height > max_pixels:
             size = f"{width} x {height} = {width * height} pixels"
             raise ImageError(f"{size} exceeds the limit of {max_pixels} pixels (--max-pixels)")
+        _check_resized(width, height, resize, max_pixels)
         Image.MAX_IMAGE_PIXELS = max_pixels  # for Pillow's checks inside decoders (ICO entries...)
         try:
             image.load()
@@ -385,15 +134,16 @@ def _rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
+def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Decode image bytes to an upright (EXIF orientation applied) uint8 RGB (3, H, W) tensor or ImageError.
 
     Takes the first frame of animations; converts every mode to RGB (see ``_rgb_array``). ``max_pixels``
-    (None: no limit) is checked on the header size before any pixel is decoded.
+    (None: no limit) is checked on the header size before any pixel is decoded, and so is the size the
+    shorter-side `resize` (an int) would give.
     """
     if not data:
         raise ImageError("empty file")
-    image = _load(data, max_pixels)
+    image = _load(data, max_pixels, resize if isinstance(resize, int) else None)
     try:
         ImageOps.exif_transpose(image, in_place=True)
         rgb = _rgb_array(image)
@@ -515,8 +265,8 @@ class ImageDataset(Dataset[Sample]):
 
     ``skip(item, sha256)`` (e.g. "outputs already complete") is asked after hashing and before decoding.
     It runs in the DataLoader workers, so it must be picklable under spawn and not rely on main-process
-    state that changes after the workers start. Items are kept in one bytes blob so that forked workers do
-    not copy a large Python list page by page.
+    state that changes after the workers start. Many inputs come as a ``discovery.Catalogue``, which
+    workers read from its file rather than copying a large list.
     """
 
     def __init__(
@@ -526,22 +276,19 @@ class ImageDataset(Dataset[Sample]):
         max_pixels: int | None,
         skip: Callable[[InputItem, str], bool] | None = None,
     ) -> None:
-        """Store the items compactly with the decoding settings."""
-        records = [os.fsencode(item.path) + b"\0" + item.key.encode() for item in items]
-        self._blob = b"".join(records)
-        self._offsets = np.cumsum([0] + [len(r) for r in records], dtype=np.int64)
+        """Keep the items with the decoding settings."""
+        self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.skip = skip
 
     def __len__(self) -> int:
         """Number of inputs."""
-        return len(self._offsets) - 1
+        return len(self.items)
 
     def item(self, index: int) -> InputItem:
         """The input at an index."""
-        path, key = self._blob[self._offsets[index] : self._offsets[index + 1]].split(b"\0", 1)
-        return InputItem(Path(os.fsdecode(path)), key.decode())
+        return self.items[index]
 
     def __getitem__(self, index: int) -> Sample:
         """Load one input into a Sample (skipped, failed or ready)."""
@@ -554,7 +301,7 @@ class ImageDataset(Dataset[Sample]):
         if self.skip is not None and self.skip(item, sha256):
             return Sample(index, sha256, skipped=True)
         try:
-            image = decode(data, self.max_pixels)
+            image = decode(data, self.max_pixels, self.preprocess.resize)
             tensor, box = self.preprocess(image)
         except ImageError as error:
             return Sample(index, sha256, error=str(error))
@@ -604,12 +351,22 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader yielding Batches in input order, decoding in `workers` processes (0: in this one)."""
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+    batches: Iterable[list[int]] | None = None,
+) -> DataLoader:
+    """A DataLoader yielding Batches in input order, decoding in `workers` processes (0: in this one).
+
+    `batches` (index lists) replaces the default: consecutive batches of `batch_size` over every input.
+    """
+    if batches is None:
+        batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
@@ -620,5 +377,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory
 
 
 def _ignore_interrupts(_worker_id: int) -> None:
-    """Workers leave Ctrl-C to the main process, which stops the run at a batch boundary."""
+    """Workers leave Ctrl-C and SIGTERM to the main process, which stops the run at a batch boundary
+    (workers exit when it does)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

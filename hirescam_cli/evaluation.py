@@ -9,13 +9,15 @@ import torch
 from PIL import Image
 
 from .config import Config, ConfigError
-from .data import ImageDataset, InputItem, Preprocess, discover, make_loader
+from .data import ImageDataset, Preprocess, make_loader
+from .discovery import InputItem, discover
 from .engine import Explainer
 from .methods import METHODS
 from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
-from .pipeline import Progress, default_batch_size, make_preprocess, pick_device
+from .pipeline import Progress, make_preprocess, pick_device
+from .resources import choose as choose_resources
 
 METRICS = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
 
@@ -65,8 +67,9 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
     preprocess = make_preprocess(config.preprocess, loaded.transforms)
     items = discover(images)
     dataset = ImageDataset(items, preprocess, config.preprocess.max_pixels)
-    batch_size = config.explain.batch_size or default_batch_size(device)
-    loader = make_loader(dataset, batch_size, config.explain.workers)
+    resources = choose_resources(device, config.explain.workers, config.explain.batch_size)
+    torch.set_num_threads(resources.threads)
+    loader = make_loader(dataset, resources.batch_size, resources.workers)
     score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in METRICS} for m in METHODS}
     problems: list[str] = []

@@ -6,25 +6,37 @@ Layout under OUT, for an input whose key is `a/cat.jpg`:
     a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
     results.jsonl                    one line per input, in input order
     run.json                         the effective config, versions, device, counts, timings
-Temporary files live in OUT/.tmp and are renamed into place, so a reader never sees half a file.
+    .lock                            the OUT lock (lock.py)
+Each process writes its temporary files in a folder of its own under OUT/.tmp and renames them into
+place, so a reader never sees half a file and no run touches another's files.
 """
 
+import contextlib
+import heapq
 import io
 import itertools
 import json
 import os
 import shutil
+import socket
 import threading
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import fpng
 import numpy as np
 from PIL import Image
 
+try:
+    import fpng
+except ImportError:  # the fast encoder is optional: PNGs then come from zlib (--png small)
+    fpng = None
+
 SCHEMA = "hirescam-cli/summary/1"
-RESERVED = ("results.jsonl", "run.json", "eval.json", ".tmp")  # names under OUT that no input key takes
+LOCK_NAME = ".lock"
+# names under OUT that no input key takes
+RESERVED = ("results.jsonl", "run.json", "eval.json", ".tmp", LOCK_NAME)
 
 
 class OutputError(Exception):
@@ -39,26 +51,60 @@ def describe(error: Exception) -> str:
 def encode_png(pixels: np.ndarray, kind: str = "fast") -> bytes:
     """PNG bytes of an (H, W, 3) uint8 array: "fast" with fpng (~20x quicker, ~35% larger files),
     "small" with zlib through Pillow (run-length strategy: quicker than the default, and smaller)."""
-    if kind == "fast":
+    if kind == "fast" and fpng is not None:
         return fpng.from_ndarray(np.ascontiguousarray(pixels))
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buffer.getvalue()
 
 
-class OutputDir:
-    """Everything written under OUT goes through here."""
+def png_encoder(kind: str) -> str:
+    """The encoder `kind` gets here: "fpng", or "zlib" (asked for, or fpng cannot be imported)."""
+    return "fpng" if kind == "fast" and fpng is not None else "zlib"
 
-    def __init__(self, root: Path, png: str = "fast"):
+
+def temp_root(root: Path) -> Path:
+    """The folder under OUT that holds every process's temporary folder."""
+    return Path(root).absolute() / ".tmp"
+
+
+def remove_stale_temp(root: Path) -> None:
+    """Remove what killed runs left in OUT/.tmp; only the holder of the OUT lock calls this.
+
+    Temp folders are named HOST-PID-...: those of a live process on this host (an eval writing its
+    report, which takes no lock) are kept.
+    """
+    host = socket.gethostname()
+    with contextlib.suppress(OSError), os.scandir(temp_root(root)) as entries:
+        for entry in entries:
+            owner, _, rest = entry.name.rpartition("-")[0].rpartition("-")
+            if not (owner == host and rest.isdigit() and _alive(int(rest))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class OutputDir:
+    """Everything written under OUT goes through here; temporary files go to this process's own folder."""
+
+    def __init__(self, root: Path, png: str = "fast", tmp: Path | None = None):
         self.root = Path(root).absolute()
         self.png = png
-        self.tmp = self.root / ".tmp"
+        self.tmp = tmp or temp_root(self.root) / f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
         self._names = itertools.count()
         self._lock = threading.Lock()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of a killed run
-            self.tmp.mkdir()
+            self.tmp.mkdir(parents=True)
         except OSError as e:
             raise OutputError(f"cannot use output folder {self.root}: {describe(e)}") from None
         self._real_root = self.root.resolve()
@@ -99,8 +145,16 @@ class OutputDir:
         self.write(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
 
     def close(self) -> None:
-        """Remove the temp folder."""
+        """Remove this process's temp folder, and OUT/.tmp itself when no other process has one there."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in (self.tmp.parent, temp_root(self.root)):
+            if folder != self.root and folder.is_relative_to(self.root):
+                try:
+                    folder.rmdir()
+                except FileNotFoundError:
+                    continue
+                except OSError:  # not empty: another process's
+                    break
 
     def __getstate__(self) -> dict[str, Any]:
         """Writer processes get the paths; each makes its own lock and temp-name counter."""
@@ -125,20 +179,42 @@ def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) 
 
 
 class ResultsLog:
-    """results.jsonl: lines arrive in input order and are renamed into place when the run ends."""
+    """One process's share of results.jsonl: records in input order, each line led by its input index.
+
+    ``finish`` renames the share to `part`; ``merge_results`` makes results.jsonl of the shares.
+    """
 
     def __init__(self, out: OutputDir):
-        self.out = out
-        self.path = out.root / "results.jsonl"
-        self._partial = out.tmp / "results.jsonl.partial"
+        self._partial = out.tmp / "results.part"
         self._file = open(self._partial, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
         self.counts = {"ok": 0, "skipped": 0, "error": 0}
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, index: int, record: dict[str, Any]) -> None:
         self.counts[record["status"]] += 1
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(f"{index}\t{json.dumps(record, ensure_ascii=False)}\n")
 
-    def finish(self) -> None:
-        """Flush and move the log into place."""
+    def finish(self, part: Path) -> None:
+        """Flush and move the share to `part`."""
         self._file.close()
-        os.replace(self._partial, self.path)
+        os.replace(self._partial, part)
+
+
+def merge_results(out: OutputDir, parts: list[Path]) -> dict[str, int]:
+    """Merge the processes' shares into OUT/results.jsonl in input order (atomically); returns the counts."""
+    counts = {"ok": 0, "skipped": 0, "error": 0}
+    partial = out.tmp / "results.jsonl.partial"
+    with contextlib.ExitStack() as stack:
+        shares = [_indexed(stack.enter_context(open(part, encoding="utf-8"))) for part in parts]
+        merged = stack.enter_context(open(partial, "w", encoding="utf-8"))
+        for _index, record in heapq.merge(*shares):
+            counts[json.loads(record)["status"]] += 1
+            merged.write(record)
+    os.replace(partial, out.root / "results.jsonl")
+    return counts
+
+
+def _indexed(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """A share's lines as (input index, record line)."""
+    for line in lines:
+        index, _, record = line.partition("\t")
+        yield int(index), record

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import Future
@@ -21,21 +23,48 @@ from tqdm import tqdm
 
 from . import __version__, render
 from .config import Config, ConfigError, PreprocessConfig
-from .data import Batch, ImageDataset, InputItem, Preprocess, discover, make_loader
+from .data import Batch, ImageDataset, Preprocess, make_loader
+from .discovery import Catalogue, InputItem, catalogue, read_list
+from .distributed import Job
 from .engine import Explainer, Explanation
+from .lock import OutLock
 from .models import LoadedModel, load_model
-from .outputs import RESERVED, SCHEMA, OutputDir, OutputError, ResultsLog, describe
+from .outputs import (
+    RESERVED,
+    SCHEMA,
+    OutputDir,
+    OutputError,
+    ResultsLog,
+    describe,
+    merge_results,
+    png_encoder,
+    remove_stale_temp,
+    temp_root,
+)
+from .resources import choose as choose_resources
 from .summary import batch_numbers, image_summary
 from .writers import ImageJob, Writers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_LOCKED = 4  # OUT is locked by another run
+EXIT_RANK_LOST = 5  # a process of a torchrun job stopped before reporting: the ledgers cover the others
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RENDER_PIXELS = 2**24  # pixels rendered at once on the device; bounds memory for huge images
 PROGRESS_EVERY_S = 5.0
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; an explicit device that is absent is a config error."""
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; an explicit device that is absent is a config error.
+
+    Under torchrun (`local_rank` set), "auto" and "cuda" mean this process's GPU, cuda:LOCAL_RANK.
+    """
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
+        return torch.device("cuda", local_rank)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -52,18 +81,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("explain.device = 'mps' but MPS is not available here; use cpu or auto")
     return device
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Images per batch when the config leaves it open: on CPUs, batches whose activations fit
-    the allocator's reuse threshold beat larger ones; GPUs want more work per launch."""
-    return 32 if device.type == "cuda" else 8
-
-
-def writer_processes(device: torch.device) -> int:
-    """Processes that encode and write outputs: on a GPU the loop feeding it must keep the GIL to
-    itself (threads encoding PNGs next to it slow every kernel launch); on a CPU, threads suffice."""
-    return max(2, len(os.sched_getaffinity(0)) // 3) if device.type == "cuda" else 0
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -144,6 +161,11 @@ class Progress:
         )
         self.start = self.last = time.monotonic()
 
+    def advance_to(self, done: int, errors: int) -> None:
+        """Show job-wide totals (from every process of a torchrun job)."""
+        if (done, errors) != (self.done, self.errors):
+            self.update(done - self.done, errors - self.errors)
+
     def update(self, count: int, errors: int) -> None:
         self.done += count
         self.errors += errors
@@ -164,18 +186,23 @@ class Progress:
 
 
 class StopFlag:
-    """First Ctrl-C asks the run to stop at the next batch boundary; a second one interrupts at once."""
+    """First Ctrl-C (or SIGTERM: torchrun stopping a job, a batch system's time limit) asks the run to stop
+    at the next batch boundary; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stopped = False
-        self._previous = signal.getsignal(signal.SIGINT)
+        self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
 
     def __enter__(self) -> "StopFlag":
-        signal.signal(signal.SIGINT, self._handle)
+        for number in self.SIGNALS:
+            signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
     def _handle(self, _signum: int, _frame: object) -> None:
         if self.stopped:
@@ -222,19 +249,56 @@ class Renderer:
         return out
 
 
-def run_explain(config: Config, inputs: list[str], out: Path, overwrite: bool, quiet: bool) -> int:
-    """Explain every input into `out`; returns the exit code."""
-    return ExplainRun(config, inputs, out, overwrite, quiet).run()
+def run_explain(
+    config: Config,
+    inputs: list[str],
+    out: Path,
+    overwrite: bool,
+    quiet: bool,
+    wait: bool = False,
+    inputs_from: str | None = None,
+    allow_empty: bool = False,
+) -> int:
+    """Explain every input into `out`; returns the exit code.
+
+    `inputs_from`: a file listing one path per line ("-": standard input); `allow_empty`: no image at
+    all is a normal outcome (exit 0); `wait`: wait for another run that holds OUT's lock.
+    """
+    started = time.time()
+    listed = read_list(inputs_from) if inputs_from is not None else None
+    with catalogue(inputs, RESERVED, exclude=out, listed=listed, allow_empty=allow_empty) as items:
+        if not items:
+            if not quiet:
+                print("hirescam: no images found, nothing to do (--allow-empty)", file=sys.stderr, flush=True)
+            return EXIT_OK
+        return ExplainRun(config, items, out, overwrite, quiet, wait, started).run()
 
 
 class ExplainRun:
-    """One `hirescam explain`: set up (failing fast on usage errors), stream batches, finish the ledgers."""
+    """One `hirescam explain` process: set up (failing fast on usage errors), take OUT's lock (rank 0),
+    stream this process's batches, finish the ledgers (rank 0 merges every process's share)."""
 
-    def __init__(self, config: Config, inputs: list[str], out: Path, overwrite: bool, quiet: bool):
-        self.started = time.time()
-        self.config, self.quiet = config, quiet
-        self.items = discover(inputs, RESERVED, exclude=out)
-        self.device = pick_device(config.explain.device)
+    def __init__(
+        self,
+        config: Config,
+        items: Catalogue,
+        out: Path,
+        overwrite: bool,
+        quiet: bool,
+        wait: bool,
+        started: float,
+    ):
+        self.started = started  # before discovery
+        self.config, self.items = config, items
+        self.job = Job.from_env()
+        self.quiet = quiet or not self.job.lead  # progress and messages are shown once, by rank 0
+        self.device = pick_device(config.explain.device, self.job.local_rank)
+        self.job.connect(self.device)
+        self.job.check_same("inputs", f"{len(items)} inputs (digest {items.digest[:16]})")
+        explain, here = config.explain, self.job.local_world
+        self.resources = choose_resources(self.device, explain.workers, explain.batch_size, here)
+        torch.set_num_threads(self.resources.threads)
+        self.batch_size = self.resources.batch_size
         self.loaded = load_model(config.model)
         self.preprocess = make_preprocess(config.preprocess, self.loaded.transforms)
         self.classes = class_ids(config.explain.classes, self.loaded.labels)
@@ -242,49 +306,76 @@ class ExplainRun:
             raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
         model = self.loaded.module.to(self.device)
         self.explainer = _open_explainer(model, config, self.preprocess, self.device, self.classes)
-        self.out = OutputDir(out, png=config.output.png)
         self.fingerprint = fingerprint(config, self.loaded, self.preprocess)
+        self.lock = OutLock(out)
+        try:
+            self.job_dir = temp_root(out) / self.job.start(lambda: self._begin(wait))
+            self.out = OutputDir(out, png=config.output.png, tmp=self.job_dir / f"rank{self.job.rank}")
+        except BaseException:
+            self.lock.release()
+            self.explainer.close()
+            raise
         skip = None if overwrite else ResumeCheck(self.out.root, self.fingerprint)
         dataset = ImageDataset(self.items, self.preprocess, config.preprocess.max_pixels, skip=skip)
-        pin = self.device.type == "cuda"
-        self.batch_size = config.explain.batch_size or default_batch_size(self.device)
-        self.loader = make_loader(dataset, self.batch_size, config.explain.workers, pin_memory=pin)
+        self.loader = make_loader(
+            dataset,
+            self.batch_size,
+            self.resources.workers,
+            pin_memory=self.device.type == "cuda",
+            batches=self.job.share(len(items), self.batch_size),
+        )
         self.log = ResultsLog(self.out)
         self.pending: collections.deque[tuple[int, dict | Future]] = collections.deque()
         self.output_error: str | None = None
         self.interrupted = False
         self.layer, self.guarantee = self.explainer.target_layer, None
 
+    def _begin(self, wait: bool) -> str:
+        """Rank 0, before anyone writes: take OUT's lock, clear what dead runs left; returns a job name."""
+        self.lock.acquire(wait, waiting=self.say)
+        remove_stale_temp(self.lock.root)
+        return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+
     def say(self, message: str) -> None:
         if not self.quiet:
             print(f"hirescam: {message}", file=sys.stderr, flush=True)
 
     def run(self) -> int:
-        """Stream every batch, then write the ledgers; returns the exit code."""
-        self.say(f"{len(self.items)} images, model {self.loaded.name}, layer {self.layer}, on {self.device}")
+        """Stream this process's batches, then write the ledgers; returns the exit code."""
+        processes = f", {self.job.world} processes" if self.job.world > 1 else ""
+        where = f"on {self.device}{processes}"
+        self.say(f"{len(self.items)} images, model {self.loaded.name}, layer {self.layer}, {where}")
+        if self.config.output.png == "fast" and png_encoder("fast") != "fpng":
+            self.say("fpng cannot be imported here: PNGs are encoded with zlib (slower, smaller)")
         progress = Progress(len(self.items), self.quiet)
-        writers = Writers(writer_processes(self.device))
+        writers = Writers(self.resources.writers)
         renderer = Renderer(self.config, self.device)
         try:
-            with StopFlag() as stop, torch.no_grad():
-                for batch in self.loader:
-                    records = self._batch(batch, renderer, writers)
-                    self.pending.extend(sorted(records.items()))
-                    progress.update(len(records), len(batch.failed))
-                    self._drain(limit=4 * self.batch_size)
-                    if self.output_error:
-                        break
-                    if stop.stopped:
-                        self.interrupted = True
-                        break
-        except KeyboardInterrupt:
-            self.interrupted = True
+            with StopFlag() as stop:
+                try:
+                    with torch.no_grad():
+                        for batch in self.loader:
+                            records = self._batch(batch, renderer, writers)
+                            self.pending.extend(sorted(records.items()))
+                            progress.advance_to(*self.job.progress(len(records), len(batch.failed)))
+                            self._drain(limit=4 * self.batch_size)
+                            if self.output_error:
+                                break
+                            if stop.stopped:
+                                self.interrupted = True
+                                break
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                finally:
+                    writers.shutdown()
+                    self._drain(limit=0)
+                    self.explainer.close()
+                stop.stopped = stop.stopped or self.interrupted
+                return self._finish(stop, progress)
         finally:
-            writers.shutdown()
-            self._drain(limit=0)
             progress.close()
-            self.explainer.close()
-        return self._finish()
+            self.lock.release()
+            self.job.close()
 
     def _batch(
         self, batch: Batch, renderer: "Renderer", writers: Writers
@@ -321,29 +412,74 @@ class ExplainRun:
                 except (OSError, OutputError) as e:
                     self.output_error = self.output_error or describe(e)
                     record = _failed(self.items[index], f"cannot write outputs: {describe(e)}")
-            self.log.add(record)
+            self.log.add(index, record)
 
-    def _finish(self) -> int:
-        """Move results.jsonl into place, write run.json, report, and choose the exit code."""
+    def _finish(self, stop: StopFlag, progress: Progress) -> int:
+        """Hand in this process's share of the ledger; rank 0 merges the shares into results.jsonl, writes
+        run.json, reports, and chooses the exit code."""
+        shared = False
         try:
-            self.log.finish()
-            self._write_run()
+            self.log.finish(self.job_dir / f"rank{self.job.rank}.jsonl")
+            shared = True
+        except OSError as e:
+            self.output_error = self.output_error or describe(e)
+        self.job.report(self._rank_report(shared))
+        lost, counts = [], self.log.counts
+        try:
+            if self.job.lead:
+                lost, counts = self._merge(stop, progress)
         except OSError as e:
             self.output_error = self.output_error or describe(e)
         finally:
+            if self.job.lead:
+                shutil.rmtree(self.job_dir, ignore_errors=True)
             self.out.close()
         if self.output_error:
             raise OutputError(f"cannot write outputs under {self.out.root}: {self.output_error}")
-        counts = self.log.counts
         done = f"{counts['ok']} explained, {counts['skipped']} skipped, {counts['error']} failed"
         self.say(f"{done} -> {self.out.root}")
+        if lost:
+            self.say(
+                f"error: process(es) of rank {', '.join(map(str, lost))} stopped before finishing; "
+                "rerun (with any number of processes) to complete the outputs"
+            )
+            return EXIT_RANK_LOST
         if self.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if counts["error"] else EXIT_OK
 
-    def _write_run(self) -> None:
+    def _merge(self, stop: StopFlag, progress: Progress) -> tuple[list[int], dict[str, int]]:
+        """Rank 0: wait for the processes' reports, merge their shares, write run.json; returns the ranks
+        lost and the job's counts."""
+        tick = lambda: progress.advance_to(*self.job.progress(0, 0))  # noqa: E731 - the others' progress
+        reports = self.job.reports(lambda: stop.stopped, tick)
+        tick()
+        done = sorted(rank for rank, report in reports.items() if report["shared"])
+        lost = sorted(set(range(self.job.world)) - set(done))
+        counts = merge_results(self.out, [self.job_dir / f"rank{rank}.jsonl" for rank in done])
+        self.interrupted = self.interrupted or bool(lost) or any(r["interrupted"] for r in reports.values())
+        ranks = [reports.get(rank, {"rank": rank, "lost": True}) for rank in range(self.job.world)]
+        self._write_run(counts, ranks)
+        return lost, counts
+
+    def _rank_report(self, shared: bool) -> dict:
+        """This process's part of run.json's "ranks"."""
         elapsed = time.time() - self.started
-        counts, total = self.log.counts, len(self.items)
+        counts = self.log.counts
+        return {
+            "rank": self.job.rank,
+            "host": socket.gethostname(),
+            "device": str(self.device),
+            "counts": counts,
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed > 0 else None,
+            "interrupted": self.interrupted,
+            "shared": shared,
+        }
+
+    def _write_run(self, counts: dict[str, int], ranks: list[dict]) -> None:
+        elapsed = time.time() - self.started
+        total = len(self.items)
         run = {
             "schema": "hirescam-cli/run/1",
             "version": __version__,
@@ -359,6 +495,8 @@ class ExplainRun:
                 "torch": torch.__version__,
                 "torchvision": torchvision.__version__,
             },
+            "resources": {**self.resources.to_dict(), "processes": self.job.world},
+            "png_encoder": png_encoder(self.config.output.png),
             "counts": {"inputs": total, **counts, "not_reached": total - sum(counts.values())},
             "interrupted": self.interrupted,
             "timings": {
@@ -367,6 +505,8 @@ class ExplainRun:
                 "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed > 0 else None,
             },
         }
+        if self.job.world > 1:
+            run["ranks"] = ranks
         self.out.write_json(self.out.root / "run.json", run)
 
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from test_cli import config, rgb, run
 
-from hirescam_cli.data import decode, discover
+from hirescam_cli.data import decode
+from hirescam_cli.discovery import discover
 
 TESTS = Path(__file__).parent
 MAX_PIXELS = 1_000_000

@@ -17,20 +17,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from hirescam_cli import data
+from hirescam_cli import data, discovery
 from hirescam_cli.data import (
     Batch,
     ImageDataset,
     ImageError,
-    InputError,
-    InputItem,
     Preprocess,
     Sample,
     collate,
     decode,
-    discover,
     make_loader,
 )
+from hirescam_cli.discovery import InputError, InputItem, discover
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: model input = pixel / 255
 
@@ -152,7 +150,7 @@ def test_keys_made_equal_by_sanitising_or_case_get_suffixes(tmp_path):
                 unique=True, max_size=8))
 def test_unique_keys_are_distinct_printable_and_keep_clean_names(names):
     relative = [os.fsdecode(name) for name in names if name not in (b".", b"..")]
-    safe = data._unique_keys(relative)
+    safe = discovery._unique_keys(relative)
     assert len({key.casefold() for key in safe}) == len(relative)
     for raw, key in zip(relative, safe, strict=True):
         key.encode("utf-8")
@@ -207,7 +205,7 @@ def test_unreadable_subfolder_is_skipped_with_a_warning(tmp_path, monkeypatch, c
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    with caplog.at_level(logging.WARNING, logger="hirescam_cli.data"):
+    with caplog.at_level(logging.WARNING, logger="hirescam_cli.discovery"):
         assert keys(discover([tmp_path])) == ["ok/a.jpg"]
     assert "locked" in caplog.text and "Permission denied" in caplog.text
     with pytest.raises(InputError, match=r"cannot read folder .*locked: Permission denied"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_cli import config, rgb, run
 
-from hirescam_cli import pipeline
+from hirescam_cli import resources
 from hirescam_cli.outputs import OutputDir, OutputError
 from hirescam_cli.writers import ImageJob, Writers
 
@@ -16,7 +16,7 @@ TESTS = Path(__file__).parent
 
 
 def tree(root: Path) -> dict[Path, bytes]:
-    files = (p for p in root.rglob("*") if p.is_file() and p.name != "run.json")
+    files = (p for p in root.rglob("*") if p.is_file() and p.name not in ("run.json", ".lock"))
     return {p.relative_to(root): p.read_bytes() for p in files}
 
 
@@ -28,7 +28,7 @@ def test_writer_processes_write_byte_identical_outputs(tmp_path, capsys, monkeyp
     (images / "bad.png").write_bytes(b"not an image")
     args = ["-c", config(tmp_path, extra="[output]\nsave_raw = true\n"), "-q", "--top-k", "2"]
     assert run(["explain", images, "-o", tmp_path / "threads", *args], capsys)[0] == 1
-    monkeypatch.setattr(pipeline, "writer_processes", lambda device: 2)
+    monkeypatch.setattr(resources, "default_writers", lambda device, cores: 2)
     monkeypatch.setenv("PYTHONPATH", str(TESTS.parent))  # spawned writers import the package from here
     assert run(["explain", images, "-o", tmp_path / "processes", *args], capsys)[0] == 1
     threads, processes = tree(tmp_path / "threads"), tree(tmp_path / "processes")

@@ -45,3 +45,28 @@ class _Slow(nn.Module):
 def slow_net() -> nn.Module:
     """tiny_net that takes at least 0.2 s per batch."""
     return _Slow(tiny_net(), 0.2)
+
+
+class _Gated(nn.Module):
+    """Wraps a model; from its third forward over several inputs (the first is the explainer's setup probe,
+    the second the first batch), waits while the file named by $HIRESCAM_TEST_GATE exists, so a test can
+    hold a run midway."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.batches = model, 0
+
+    def forward(self, x):
+        import os
+        import time
+
+        self.batches += x.shape[0] > 1
+        gate = os.environ.get("HIRESCAM_TEST_GATE")
+        while self.batches > 2 and gate and os.path.exists(gate):
+            time.sleep(0.02)
+        return self.model(x)
+
+
+def gated_net() -> nn.Module:
+    """tiny_net held at its second batch while $HIRESCAM_TEST_GATE exists."""
+    return _Gated(tiny_net())

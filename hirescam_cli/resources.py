@@ -1,0 +1,68 @@
+"""Defaults that fit the machine: decoding workers, output writers, torch threads and batch size.
+
+Workers and threads come from the CPU cores this process may use (``os.sched_getaffinity``, shared
+among the processes torchrun starts on the node), the batch size from the device.
+"""
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+MAX_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a run uses; run.json records it as "resources"."""
+
+    cores: int  # CPU cores this process may use
+    workers: int  # decoding processes (0: decoding in the main process)
+    writers: int  # processes that encode and write outputs (0: a pool of threads in the main process)
+    threads: int  # torch intra-op threads of the main process
+    batch_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def usable_cores(processes_on_node: int = 1) -> int:
+    """The cores this process may run on, divided among the processes started on the node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // processes_on_node)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per batch when the config leaves it open: on CPUs, batches whose activations fit
+    the allocator's reuse threshold beat larger ones; GPUs want more work per launch."""
+    return {"cuda": 32, "mps": 16}.get(device.type, 8)
+
+
+def default_workers(device: torch.device, cores: int) -> int:
+    """Decoding processes: on a CPU device, decoding competes with the model for the same cores (on 2
+    cores, workers slow the run down), so one worker per 4 cores; on an accelerator, the cores that
+    neither the main process nor the output writers take."""
+    if device.type == "cpu":
+        return min(MAX_WORKERS, cores // 4)
+    return max(1, min(MAX_WORKERS, cores - 1 - default_writers(device, cores)))
+
+
+def default_writers(device: torch.device, cores: int) -> int:
+    """Output writer processes: on a GPU the loop that feeds it must keep Python's GIL to itself
+    (writer threads beside it slowed every kernel launch tenfold on an H100), so a third of the
+    cores encode PNGs in processes; on a CPU device threads suffice (fpng releases the GIL)."""
+    return 0 if device.type == "cpu" else max(1, cores // 3)
+
+
+def choose(
+    device: torch.device, workers: int | None, batch_size: int | None, processes_on_node: int = 1
+) -> Resources:
+    """Configured values where set, else defaults for this machine and device."""
+    cores = usable_cores(processes_on_node)
+    workers = default_workers(device, cores) if workers is None else workers
+    writers = default_writers(device, cores)
+    threads = max(1, cores - workers)
+    return Resources(cores, workers, writers, threads, batch_size or default_batch_size(device))
