@@ -47,7 +47,7 @@ class _Call:
 
 
 def trace_layers(
-    model: nn.Module, example: Tensor, spec: LayoutSpec = LayoutSpec(), probe: bool = False
+    model: nn.Module, example: Tensor, spec: LayoutSpec | None = None, probe: bool = False
 ) -> list[LayerInfo]:
     """Run one forward on `example` and describe every submodule, in the order its last call ended.
 
@@ -91,7 +91,7 @@ def trace_layers(
         for handle in handles:
             handle.remove()
     hints = layouts.model_hints(model, tuple(example.shape[-2:]))
-    infos = _describe(calls, hints, spec, batch=example.shape[0])
+    infos = _describe(calls, hints, spec or LayoutSpec(), batch=example.shape[0])
     return _probe_grids(infos, calls, _probe_score(calls, logits, made_by)) if probe else infos
 
 
@@ -109,7 +109,8 @@ def _describe(
     for name, call in calls.items():
         shape = shapes[name]
         if shape is None:
-            infos[name] = LayerInfo(name, None, call.calls, problem=f"layer {name!r} does not output a tensor")
+            problem = f"layer {name!r} does not output a tensor"
+            infos[name] = LayerInfo(name, None, call.calls, problem=problem)
             continue
         if not shape or shape[0] != batch:
             problem = f"layer {name!r} outputs {shape}, whose first axis is not the batch of images"
@@ -117,9 +118,8 @@ def _describe(
             continue
         evidence = layouts.module_evidence(call.module, shape)
         inherited = infos.get(call.source) if call.source else None
-        if evidence is None and inherited is not None and inherited.layout is not None:
-            if len(shape) == 4 and inherited.shape == shape:
-                evidence = inherited.layout.kind
+        if evidence is None and inherited is not None and inherited.layout is not None and len(shape) == 4:
+            evidence = inherited.layout.kind if inherited.shape == shape else None
         try:
             layout = layouts.infer(name, shape, hints, spec, evidence, conv_grids)
             infos[name] = LayerInfo(name, shape, call.calls, layout=layout)
@@ -162,7 +162,7 @@ def _probe_grids(infos: list[LayerInfo], calls: dict[str, _Call], score: Tensor 
         info.name: grad is not None and bool(info.layout.to_map(grad).ne(0).any())
         for info, grad in zip(probed, grads, strict=True)
     }
-    return [replace(info, grid_gradient=depends[info.name]) if info.name in depends else info for info in infos]
+    return [replace(i, grid_gradient=depends[i.name]) if i.name in depends else i for i in infos]
 
 
 def probe_input(x: Tensor) -> Tensor:

@@ -96,6 +96,11 @@ class LayoutSpec:
     prefix_tokens: int | None = None
 
 
+def layout_spec(model_config: object) -> LayoutSpec:
+    """The LayoutSpec of a config's [model] table (model.layout, model.grid, model.prefix_tokens)."""
+    return LayoutSpec(model_config.layout, model_config.grid, model_config.prefix_tokens)
+
+
 @dataclass(frozen=True)
 class ModelHints:
     """What the model itself says about its token layers at one input size."""
