@@ -1,5 +1,6 @@
 """Token and channels-last models: ViT, DeiT, Swin (torchvision and timm) read through their layouts."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def to_grid(raw: torch.Tensor, layout: Layout) -> torch.Tensor:
 def by_hand(model: nn.Module, layer: str, x: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """HiResCAM and Grad-CAM of each image's top class, from a plain hook and autograd."""
     captured, model = [], model.eval()
-    handle = dict(model.named_modules())[layer].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.enable_grad():
         logits = model(x.clone().requires_grad_())
         handle.remove()
@@ -146,18 +148,19 @@ def test_a_vit_last_block_really_has_zero_grid_gradient():
 def test_batch_equals_one_by_one_and_top_k_equals_single_classes(family):
     make = FAMILIES[family][0]
     x = torch.randn(3, 3, 32, 32)
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6)
     with Explainer(make()) as explainer:
         batched = explainer(x, methods=tuple(METHODS), top_k=2)
         for i in range(3):
             single = explainer(x[i : i + 1], methods=tuple(METHODS), top_k=2)
             for name in METHODS:
-                torch.testing.assert_close(single.maps[name], batched.maps[name][i : i + 1], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(single.prefix_sum, batched.prefix_sum[i : i + 1], rtol=1e-5, atol=1e-6)
+                close(single.maps[name], batched.maps[name][i : i + 1])
+            close(single.prefix_sum, batched.prefix_sum[i : i + 1])
         for t in range(2):
             one = explainer(x, methods=tuple(METHODS), classes=batched.classes[:, t : t + 1])
             for name in METHODS:
-                torch.testing.assert_close(one.maps[name][:, 0], batched.maps[name][:, t], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(one.prefix_sum[:, 0], batched.prefix_sum[:, t], rtol=1e-5, atol=1e-6)
+                close(one.maps[name][:, 0], batched.maps[name][:, t])
+            close(one.prefix_sum[:, 0], batched.prefix_sum[:, t])
 
 
 class MeanTokens(nn.Module):
@@ -239,7 +242,8 @@ class LinearPatches(nn.Module):
 
 def test_undecidable_tokens_are_refused_until_the_config_says():
     x = torch.randn(2, 3, 32, 32)
-    with Explainer(LinearPatches(), "norm") as explainer, pytest.raises(ValueError, match=r"model\.prefix_tokens"):
+    refused = pytest.raises(ValueError, match=r"model\.prefix_tokens")
+    with Explainer(LinearPatches(), "norm") as explainer, refused:
         explainer(x)
     for spec in (LayoutSpec(prefix_tokens=1), LayoutSpec(grid=(4, 4)), LayoutSpec("tokens", (4, 4), 1)):
         with Explainer(LinearPatches(), "norm", layout=spec) as explainer:
