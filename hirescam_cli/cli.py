@@ -147,11 +147,15 @@ def layers(config, model, **flags) -> None:
     height, width = preprocess.input_size
     probe = probe_input(torch.zeros(1, 3, height, width))
     traced = trace_layers(loaded.module, probe, layout_spec(settings.model), probe=True)
-    auto = choose_auto(traced)
-    click.echo(f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}")
+    try:
+        auto = choose_auto(traced)
+        click.echo(f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}")
+    except ValueError as e:
+        auto = None
+        click.echo(f"{loaded.name}, input {height}x{width}; 'auto' finds nothing: {e}")
     click.echo(f"{'layer':44s} {'output shape':16s} {'layout':7s} {'grid':7s} {'prefix':>6s}  runs")
     for info in traced:
-        if info.layout is None and not (info.problem and "; set model." in info.problem):
+        if info.layout is None and not info.ambiguous:
             continue  # not spatial at all
         once = "once" if info.calls == 1 else f"{info.calls}x (not usable)"
         if info.layout is None:

@@ -22,6 +22,7 @@ class LayerInfo:
     calls: int
     layout: Layout | None = None  # how its output holds a spatial map; None: see `problem`
     problem: str | None = None  # why there is no layout (not spatial, or undecidable: names the key)
+    ambiguous: bool = False  # spatial, but the layout is undecidable without the config
     grid_gradient: bool | None = None  # the probe score depends on its grid (None: not probed)
 
     @property
@@ -124,7 +125,7 @@ def _describe(
             layout = layouts.infer(name, shape, hints, spec, evidence, conv_grids)
             infos[name] = LayerInfo(name, shape, call.calls, layout=layout)
         except layouts.LayoutError as e:
-            infos[name] = LayerInfo(name, shape, call.calls, problem=str(e))
+            infos[name] = LayerInfo(name, shape, call.calls, problem=str(e), ambiguous=e.ambiguous)
     return list(infos.values())
 
 

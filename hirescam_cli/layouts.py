@@ -17,7 +17,14 @@ KINDS = ("nchw", "nhwc", "tokens")
 
 
 class LayoutError(ValueError):
-    """The layout of a layer's output cannot be decided; the message names the key to set."""
+    """A layer's output cannot be read as a map; the message names the key to set, if any.
+
+    `ambiguous` is True when it looks spatial but two readings stay possible.
+    """
+
+    def __init__(self, message: str, ambiguous: bool = False):
+        super().__init__(message)
+        self.ambiguous = ambiguous
 
 
 @dataclass(frozen=True)
@@ -176,10 +183,6 @@ def consistent(grid: tuple[int, int], input_size: tuple[int, int]) -> bool:
     return any(gh in _divided(height, s) and gw in _divided(width, s) for s in strides if s >= 1)
 
 
-def _feasible(grid: tuple[int, int], input_size: tuple[int, int]) -> bool:
-    return 1 <= grid[0] <= input_size[0] and 1 <= grid[1] <= input_size[1]
-
-
 def infer(
     name: str,
     shape: tuple[int, ...],
@@ -215,17 +218,23 @@ def _infer_4d(
     name: str, shape: tuple[int, ...], input_size: tuple[int, int], kind: str, evidence: str | None
 ) -> Layout:
     readings = {"nchw": (shape[2], shape[3]), "nhwc": (shape[1], shape[2])}
+    if kind != "auto" and evidence not in (None, kind):
+        raise LayoutError(f"layer {name!r} outputs {evidence} by its module type, not model.layout = {kind}")
     kind = kind if kind != "auto" else evidence
     if kind == "none":
         raise LayoutError(f"layer {name!r} outputs {shape} from a softmax: attention weights, not a map")
     if kind is None:
         fitting = [k for k, grid in readings.items() if consistent(grid, input_size)]
         if not fitting:
-            fitting = [k for k, grid in readings.items() if _feasible(grid, input_size)]
+            raise LayoutError(
+                f"layer {name!r} outputs {shape}, in which no grid of the {input_size[0]}x{input_size[1]} "
+                "input shows; if it is a map, set model.layout (--layout) to nchw or nhwc"
+            )
         if len(fitting) != 1:
             raise LayoutError(
                 f"cannot tell whether layer {name!r} output {shape} is channels-first (B, K, h, w) or "
-                "channels-last (B, h, w, K); set model.layout (--layout) to nchw or nhwc"
+                "channels-last (B, h, w, K); set model.layout (--layout) to nchw or nhwc",
+                ambiguous=True,
             )
         kind = fitting[0]
     return Layout(kind, readings[kind])
@@ -277,7 +286,8 @@ def _infer_tokens(
         why = f"; {' and '.join(given)} do not fit {count} tokens" if given else ""
         raise LayoutError(
             f"cannot tell how the {count} tokens of layer {name!r} split into prefix tokens and a patch "
-            f"grid{why}; set model.prefix_tokens (--prefix-tokens) and model.grid (--grid)"
+            f"grid{why}; set model.prefix_tokens (--prefix-tokens) and model.grid (--grid)",
+            ambiguous=True,
         )
     (grid, prefix) = fitting[0]
     return Layout("tokens", (int(grid[0]), int(grid[1])), int(prefix))

@@ -113,3 +113,8 @@ def test_rank_the_config_excludes_and_non_spatial_shapes_are_refused():
         infer("x", (1, 768, 7, 7), HINTS_224, LayoutSpec("tokens"))
     with pytest.raises(LayoutError, match="not a 4-D map"):
         infer("x", (1, 197, 768), HINTS_224, LayoutSpec("nchw"))
+
+
+def test_the_config_cannot_read_a_conv_channels_last():
+    with pytest.raises(LayoutError, match=r"outputs nchw by its module type, not model\.layout = nhwc"):
+        infer("conv", (1, 56, 56, 56), HINTS_224, LayoutSpec("nhwc"), evidence="nchw")
