@@ -223,8 +223,10 @@ class Explainer:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
         if info.calls > 1:
             raise ValueError(self._called_twice_message(traced, info.calls))
+        if info.layout is None and info.ambiguous:
+            raise ValueError(info.problem)  # names the key that decides it
         if info.layout is None:
-            raise ValueError(f"target {info.problem}; choose another layer (see `hirescam layers`)")
+            raise ValueError(f"{info.problem}; choose another layer (see `hirescam layers`)")
         return info.layout
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
