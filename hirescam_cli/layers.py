@@ -53,8 +53,8 @@ def trace_layers(
     """Run one forward on `example` and describe every submodule, in the order its last call ended.
 
     Each spatial output gets its layout (inferred, or fixed by `spec`). With `probe`, one
-    gradient of a fixed random mix of the logits says, for every module that runs once, whether
-    the score depends on its grid positions at all.
+    gradient of a fixed random mix of what the classifier reads says, for every module that runs
+    once, whether the score depends on its grid positions at all.
     """
     calls: dict[str, _Call] = {}
     producer: dict[int, tuple[weakref.ref, str]] = {}  # id of a live output -> the module that returned it

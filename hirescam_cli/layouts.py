@@ -164,9 +164,8 @@ def module_evidence(module: nn.Module, shape: tuple[int, ...]) -> str | None:
         if (shape[1] == width) != (shape[3] == width):
             return "nchw" if shape[1] == width else "nhwc"
         return None
-    dims = getattr(module, "dims", None)  # torchvision.ops.Permute
-    if isinstance(module, torchvision.ops.Permute) and list(dims) in ([0, 2, 3, 1], [0, 3, 1, 2]):
-        return "nhwc" if list(dims) == [0, 2, 3, 1] else "nchw"
+    if isinstance(module, torchvision.ops.Permute):
+        return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(module.dims))
     return None
 
 
@@ -218,11 +217,11 @@ def _infer_4d(
     name: str, shape: tuple[int, ...], input_size: tuple[int, int], kind: str, evidence: str | None
 ) -> Layout:
     readings = {"nchw": (shape[2], shape[3]), "nhwc": (shape[1], shape[2])}
+    if evidence == "none":
+        raise LayoutError(f"layer {name!r} outputs {shape} from a softmax: attention weights, not a map")
     if kind != "auto" and evidence not in (None, kind):
         raise LayoutError(f"layer {name!r} outputs {evidence} by its module type, not model.layout = {kind}")
     kind = kind if kind != "auto" else evidence
-    if kind == "none":
-        raise LayoutError(f"layer {name!r} outputs {shape} from a softmax: attention weights, not a map")
     if kind is None:
         fitting = [k for k, grid in readings.items() if consistent(grid, input_size)]
         if not fitting:
