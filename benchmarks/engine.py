@@ -1,8 +1,9 @@
 """Seconds per image of the Explainer against a plain inference forward, measured interleaved.
 
-    python benchmarks/engine.py [--models resnet50 vgg16] [--batch 8] [--rounds 5] [--device cpu]
+    python benchmarks/engine.py [--models resnet50 vgg16 vit_b_16 swin_t] [--batch 8] [--rounds 5]
 
-Random weights, 224x224. Each round times every variant once, in turn, so that drift in the
+Random weights, 224x224, the layer `auto` picks (a token layer for vit_b_16, channels-last
+stages then the final map for swin_t). Each round times every variant once, in turn, so that drift in the
 machine's load hits all of them alike; the table reports the median over rounds.
 """
 
@@ -52,9 +53,9 @@ def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
         for _ in range(rounds):
             for name, fn in calls.items():
                 times[name].append(timed(fn, device) / batch)
-        layer = explainer.target_layer
+        layer, layout = explainer.target_layer, explainer.layout(x)
     base = statistics.median(times["plain inference forward"])
-    print(f"\n{arch} (target layer {layer}, batch {batch}, {device}, median of {rounds})")
+    print(f"\n{arch} (target layer {layer}, {layout}, batch {batch}, {device}, median of {rounds})")
     print(f"{'variant':28s} {'s/image':>9s} {'ratio':>7s}")
     for name, values in times.items():
         median = statistics.median(values)
@@ -63,7 +64,7 @@ def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16", "vit_b_16", "swin_t"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,8 @@ from . import __version__
 from .config import ConfigError, load
 from .discovery import InputError
 from .evaluation import run_eval
-from .layers import choose_auto, trace_layers
+from .layers import choose_auto, probe_input, trace_layers
+from .layouts import layout_spec
 from .lock import OutputLocked
 from .models import ModelError, load_model
 from .outputs import OutputError
@@ -28,10 +29,42 @@ def _classes(value: str | None) -> list[int | str] | None:
 
 
 def _model_flags(model: str | None) -> dict:
-    """--model NAME is a torchvision arch; --model pkg.mod:fn is a factory."""
+    """--model NAME is a torchvision arch, timm:NAME a timm one; --model pkg.mod:fn is a factory."""
     if model is None:
         return {}
-    return {"model.factory": model} if ":" in model else {"model.arch": model}
+    factory = ":" in model and not model.startswith("timm:")
+    return {"model.factory": model} if factory else {"model.arch": model}
+
+
+def _grid(value: str | None) -> list[int] | None:
+    """--grid 14x14 (or 14,14, or 14) -> [h, w]."""
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    if not all(p.strip().isdigit() for p in parts) or len(parts) > 2:
+        raise click.BadParameter(f"{value!r} is not HxW, e.g. 14x14", param_hint="--grid")
+    sizes = [int(p) for p in parts]
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def layout_options(command):
+    """--layout, --grid and --prefix-tokens: how the target layer holds its map."""
+    prefix_help = "Tokens before the patch grid (class, distillation, registers)."
+    command = click.option("--prefix-tokens", type=int, help=prefix_help)(command)
+    command = click.option("--grid", help="Token grid HxW, e.g. 14x14.")(command)
+    return click.option(
+        "--layout",
+        type=click.Choice(["auto", "nchw", "nhwc", "tokens"]),
+        help="How the target layer holds its map (default: inferred).",
+    )(command)
+
+
+def _layout_flags(flags: dict) -> dict:
+    return {
+        "model.layout": flags.pop("layout"),
+        "model.grid": _grid(flags.pop("grid")),
+        "model.prefix_tokens": flags.pop("prefix_tokens"),
+    }
 
 
 config_option = click.option(
@@ -54,11 +87,12 @@ def cli() -> None:
 @click.option("--allow-empty", is_flag=True, help="No image found is not an error: exit 0.")
 @click.option("--wait", is_flag=True, help="If another run holds OUT, wait for it instead of exiting 4.")
 @config_option
-@click.option("--model", help="torchvision model name, or package.module:callable (runs that code).")
+@click.option("--model", help="torchvision name, timm:NAME, or package.module:callable (runs that code).")
 @click.option("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="state_dict file (loaded as data only).")
 @click.option("--labels", type=click.Path(path_type=Path), help="Labels file, one per line.")
 @click.option("--target-layer", help="Dotted module name, or 'auto'.")
+@layout_options
 @click.option(
     "--methods", help="Comma list: hirescam,gradcam,gradcam++,xgradcam,layercam,gradcam-elementwise."
 )
@@ -83,6 +117,7 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
         raise click.UsageError("give INPUTS, or --inputs-from FILE")
     overrides = {
         **_model_flags(model),
+        **_layout_flags(flags),
         "model.weights": flags["weights"],
         "model.checkpoint": flags["checkpoint"],
         "model.labels": flags["labels"],
@@ -109,23 +144,40 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
 
 @cli.command()
 @config_option
-@click.option("--model", help="torchvision model name, or package.module:callable.")
-def layers(config, model) -> None:
-    """List candidate target layers at the configured input size."""
-    settings = load(config, _model_flags(model))
+@click.option("--model", help="torchvision model name, timm:NAME, or package.module:callable.")
+@click.option("--target-layer", help="Mark this layer instead of auto's pick.")
+@layout_options
+def layers(config, model, **flags) -> None:
+    """List every spatial layer at the configured input size: layout, grid, prefix, auto's pick."""
+    overrides = {**_model_flags(model), **_layout_flags(flags), "model.target_layer": flags["target_layer"]}
+    settings = load(config, overrides)
     loaded = load_model(settings.model, load_weights=False)  # shapes need no weights: works offline
     preprocess = make_preprocess(settings.preprocess, loaded.transforms)
     height, width = preprocess.input_size
-    traced = trace_layers(loaded.module, torch.zeros(1, 3, height, width))
-    auto = choose_auto(traced)
-    click.echo(f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}")
-    click.echo(f"{'layer':40s} {'output shape':22s} runs")
+    probe = probe_input(torch.zeros(1, 3, height, width))
+    traced = trace_layers(loaded.module, probe, layout_spec(settings.model), probe=True)
+    try:
+        auto = choose_auto(traced)
+        click.echo(f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}")
+    except ValueError as e:
+        auto = None
+        click.echo(f"{loaded.name}, input {height}x{width}; 'auto' finds nothing: {e}")
+    click.echo(f"{'layer':44s} {'output shape':16s} {'layout':7s} {'grid':7s} {'prefix':>6s}  runs")
     for info in traced:
-        if not info.is_map:
-            continue
-        mark = "  <- auto" if info.name == auto else ""
+        if info.layout is None and not info.ambiguous:
+            continue  # not spatial at all
         once = "once" if info.calls == 1 else f"{info.calls}x (not usable)"
-        click.echo(f"{info.name:40s} {'x'.join(map(str, info.shape[1:])):22s} {once}{mark}")
+        if info.layout is None:
+            kind, grid, prefix = "?", "?", "?"
+            note = f"  ({info.problem.rsplit('; ', 1)[1]})"
+        else:
+            kind, grid = info.layout.kind, "x".join(map(str, info.layout.grid))
+            prefix = str(info.layout.prefix_tokens)
+            note = "  (scores do not depend on its grid)" if info.grid_gradient is False else ""
+        mark = "  <- auto" if info.name == auto else ""
+        mark += "  <- target" if info.name == settings.model.target_layer != "auto" else ""
+        shape = "x".join(map(str, info.shape[1:]))
+        click.echo(f"{info.name:44s} {shape:16s} {kind:7s} {grid:7s} {prefix:>6s}  {once}{note}{mark}")
 
 
 @cli.command(name="eval")

@@ -28,6 +28,9 @@ class ModelConfig:
     labels: Path | None = None
     multilabel: bool = False  # sigmoid outputs (probabilities, thresholds) instead of softmax
     target_layer: str = "auto"
+    layout: str = "auto"  # how the target layer holds its map: auto, nchw, nhwc or tokens
+    grid: tuple[int, int] | None = None  # the token grid (h, w); None: inferred
+    prefix_tokens: int | None = None  # tokens before the grid (class, distillation, registers)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class PreprocessConfig:
     crop: Size | None = None  # None: from the torchvision weights, else 224 unless resize is exact
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    interpolation: str | None = None  # None: from the model's preset, else bilinear
     max_pixels: int = 100_000_000
 
 
@@ -165,6 +169,26 @@ def _fraction(key: str, value: Any, _base: Path) -> float:
     return float(value)
 
 
+def _count(key: str, value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "an integer >= 0")
+    return value
+
+
+def _grid(key: str, value: Any, base: Path) -> tuple[int, int]:
+    size = _size(key, value, base)
+    return size if isinstance(size, tuple) else (size, size)
+
+
+def _choice(*allowed: str):
+    def check(key: str, value: Any, _base: Path) -> str:
+        if value not in allowed:
+            raise _fail(key, value, f"one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
 def _flag(key: str, value: Any, _base: Path) -> bool:
     if not isinstance(value, bool):
         raise _fail(key, value, "true or false")
@@ -225,8 +249,18 @@ VALIDATORS = {
         "labels": _path,
         "multilabel": _flag,
         "target_layer": _text,
+        "layout": _choice("auto", "nchw", "nhwc", "tokens"),
+        "grid": _grid,
+        "prefix_tokens": _count,
     },
-    "preprocess": {"resize": _size, "crop": _size, "mean": _triple, "std": _std, "max_pixels": _positive},
+    "preprocess": {
+        "resize": _size,
+        "crop": _size,
+        "mean": _triple,
+        "std": _std,
+        "interpolation": _choice("bilinear", "bicubic", "nearest"),
+        "max_pixels": _positive,
+    },
     "explain": {
         "methods": _methods,
         "top_k": _positive,
@@ -279,8 +313,11 @@ def _check_whole(config: Config) -> None:
     model = config.model
     if bool(model.arch) == bool(model.factory):
         raise ConfigError(
-            "set exactly one of model.arch (a torchvision model name) or model.factory (module:callable)"
+            "set exactly one of model.arch (a torchvision model name or timm:NAME) "
+            "or model.factory (module:callable)"
         )
+    if model.arch and model.arch.startswith("timm:") and model.weights:
+        raise ConfigError("model.weights names torchvision weights; timm models use model.checkpoint")
     if model.factory and model.weights:
         raise ConfigError("model.weights names torchvision weights; with model.factory use model.checkpoint")
     if model.factory and ":" not in model.factory:

@@ -178,14 +178,18 @@ def _crop_start(size: int, crop: int) -> int:
     return round((size - crop) / 2.0)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (bilinear, antialiased), centre-crop and normalise a uint8 image, keeping the covered region."""
+    """Resize (antialiased), centre-crop and normalise a uint8 image, keeping the covered region."""
 
     resize: int | tuple[int, int] | None  # int: shorter side (aspect kept); (h, w): exact size
     crop: int | tuple[int, int] | None  # centre crop after the resize; zero-padded when larger
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # of the resize: bilinear or bicubic (antialiased), or nearest
 
     def __post_init__(self) -> None:
         """Reject sizes and statistics that cannot work."""
@@ -195,6 +199,9 @@ class Preprocess:
                 raise ValueError(f"{name} must be a positive int or (h, w) pair of them, got {value!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            allowed = ", ".join(INTERPOLATIONS)
+            raise ValueError(f"interpolation must be one of {allowed}; got {self.interpolation!r}")
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -215,7 +222,8 @@ class Preprocess:
         height, width = image.shape[-2:]
         if self.resize is not None:
             size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
-            image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+            mode = InterpolationMode(self.interpolation)
+            image = TF.resize(image, size, interpolation=mode, antialias=True)
         resized_h, resized_w = image.shape[-2:]
         top, left, out_h, out_w = 0, 0, resized_h, resized_w
         if self.crop is not None:

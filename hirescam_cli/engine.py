@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layers
+from .layouts import Layout, LayoutSpec
 from .methods import check_methods, compute
 
 _PROBE_SEED = 0
@@ -68,15 +69,17 @@ _PRODUCT_NODES = {
 class Explanation:
     """What one call of an Explainer returns; every tensor has batch size B first."""
 
-    maps: dict[str, Tensor]  # method -> raw float32 map (B, T, h, w), signed, unnormalised
+    maps: dict[str, Tensor]  # method -> raw float32 map (B, T, h, w) over the grid, signed, unnormalised
     classes: Tensor  # (B, T) long: the explained classes
     scores: Tensor  # (B, T) float32: their logits
     logits: Tensor  # (B, C) float32: all logits
     valid: Tensor  # (B, T) bool: False marks padding where images have fewer targets
-    completeness_gap: Tensor  # (B, T): (score - baseline) - sum(HiResCAM); 0 under the guarantee
+    completeness_gap: Tensor  # (B, T): (score - baseline) - grid sum - prefix_sum; 0 under the guarantee
     baseline: Tensor  # (B, T): the score with the target layer's output set to zero
     guarantee: bool  # the head after the layer is affine, so HiResCAM sums to score - baseline
     target_layer: str
+    layout: Layout  # how the target layer's output was read as the (K, h, w) grid
+    prefix_sum: Tensor  # (B, T): HiResCAM's G*A summed over prefix tokens and channels (0: no tokens)
 
     def select(self, rows: Tensor) -> "Explanation":
         """The same explanation restricted to some of the batch's images."""
@@ -89,6 +92,7 @@ class Explanation:
             valid=self.valid[rows],
             completeness_gap=self.completeness_gap[rows],
             baseline=self.baseline[rows],
+            prefix_sum=self.prefix_sum[rows],
         )
 
 
@@ -107,13 +111,21 @@ class Explainer:
     parameters while the Explainer is open; `close()` (or leaving the `with` block) restores it.
     """
 
-    def __init__(self, model: nn.Module, target_layer: str = "auto", amp: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str = "auto",
+        amp: bool = False,
+        layout: LayoutSpec | None = None,
+    ):
         self.model = model
         self.amp = amp
         self.target_layer = target_layer
+        self.spec = layout or LayoutSpec()
         if target_layer != "auto":
             layers.get_module(model, target_layer)
         self._heads: dict[tuple[int, ...], _Head] = {}
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self._saved = [(p, p.requires_grad) for p in model.parameters()]
         self._was_training = model.training
         for param, _ in self._saved:
@@ -145,16 +157,20 @@ class Explainer:
         self._check_input(x)
         if classes is not None and threshold is not None:
             raise ValueError("give either classes or threshold, not both")
+        layout = self.layout(x)
         leaf, logits = self._forward(x)
         head = self._head(x, logits)
         targets, valid = _targets(logits.detach(), top_k, classes, threshold)
         scores = logits.gather(1, targets)
-        grads = self._gradients(scores, leaf, valid)
-        acts = leaf.detach()
-        maps = compute(tuple(dict.fromkeys(("hirescam", *names))), acts, grads)
+        grads = self._gradients(scores, leaf, valid)  # (B, T, *raw layout)
+        acts, flat = leaf.detach(), grads.flatten(0, 1)
+        grid_grads = layout.to_map(flat).unflatten(0, grads.shape[:2])
+        maps = compute(tuple(dict.fromkeys(("hirescam", *names))), layout.to_map(acts), grid_grads)
+        prefix_grads = layout.prefix(flat).unflatten(0, grads.shape[:2]).float()
+        prefix_sum = (prefix_grads * layout.prefix(acts).unsqueeze(1).float()).sum((-2, -1))
         scores = scores.detach().float()
         baseline = head.baseline.to(scores.device)[targets]
-        gap = (scores - baseline) - maps["hirescam"].sum((-2, -1))
+        gap = (scores - baseline) - maps["hirescam"].sum((-2, -1)) - prefix_sum
         if "hirescam" not in names:
             del maps["hirescam"]
         return Explanation(
@@ -167,7 +183,25 @@ class Explainer:
             baseline=baseline,
             guarantee=head.affine,
             target_layer=self.target_layer,
+            layout=layout,
+            prefix_sum=prefix_sum,
         )
+
+    def layout(self, x: Tensor) -> Layout:
+        """How the target layer's output is read for inputs shaped like x (decided once per shape).
+
+        With target_layer "auto", the first call also chooses the layer (`layers.choose_auto`,
+        on a fixed random probe image, so the choice never depends on the data).
+        """
+        key = tuple(x.shape[1:])
+        if key not in self._layouts:
+            probe = layers.probe_input(x)
+            auto = self.target_layer == "auto"
+            traced = layers.trace_layers(self.model, probe, self.spec, probe=auto)
+            if auto:
+                self.target_layer = layers.choose_auto(traced)
+            self._layouts[key] = self._target_layout(traced)
+        return self._layouts[key]
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -181,8 +215,19 @@ class Explainer:
             raise ValueError("input batch is empty")
         if torch.is_inference_mode_enabled():
             raise ValueError("cannot explain inside torch.inference_mode(): gradients are needed")
-        if self.target_layer == "auto":
-            self.target_layer = layers.choose_auto(layers.trace_layers(self.model, x[:1]))
+
+    def _target_layout(self, traced: list[layers.LayerInfo]) -> Layout:
+        """The target layer's layout from a trace, or a ValueError saying why there is none."""
+        info = next((i for i in traced if i.name == self.target_layer), None)
+        if info is None:
+            raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
+        if info.calls > 1:
+            raise ValueError(self._called_twice_message(traced, info.calls))
+        if info.layout is None and info.ambiguous:
+            raise ValueError(info.problem)  # names the key that decides it
+        if info.layout is None:
+            raise ValueError(f"{info.problem}; choose another layer (see `hirescam layers`)")
+        return info.layout
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -191,16 +236,20 @@ class Explainer:
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     def _run_with(self, x: Tensor, replace) -> tuple[Tensor, list[Tensor]]:
-        """Forward x with a hook that maps the target layer's output through `replace`."""
+        """Forward x with a hook that maps the target layer's raw output through `replace`.
+
+        The raw output is in the layer's own layout (`self.layout(x)` reads it as a grid map).
+        """
+        layout = self.layout(x)
         module = layers.get_module(self.model, self.target_layer)
         outputs: list[Tensor] = []
 
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
-            if not isinstance(output, Tensor) or output.ndim != 4:
+            if not isinstance(output, Tensor) or not layout.fits(tuple(output.shape)):
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise ValueError(
-                    f"target layer {self.target_layer!r} outputs {shape}, not a (B, K, h, w) "
-                    "map; choose a convolutional layer (see `hirescam layers`)"
+                    f"target layer {self.target_layer!r} outputs {shape}, which does not fit its "
+                    f"layout {layout} (see `hirescam layers`)"
                 )
             outputs.append(output)
             return replace(output)
@@ -211,7 +260,8 @@ class Explainer:
         finally:
             handle.remove()
         if len(outputs) > 1:
-            raise ValueError(self._called_twice_message(x, len(outputs)))
+            traced = layers.trace_layers(self.model, x[:1], self.spec)
+            raise ValueError(self._called_twice_message(traced, len(outputs)))
         if not outputs:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
         if not isinstance(logits, Tensor) or logits.ndim != 2:
@@ -219,8 +269,8 @@ class Explainer:
             raise ValueError(f"the model must return (B, num_classes) logits; got {shape}")
         return logits, outputs
 
-    def _called_twice_message(self, x: Tensor, calls: int) -> str:
-        parent = layers.enclosing_once(layers.trace_layers(self.model, x[:1]), self.target_layer)
+    def _called_twice_message(self, traced: list[layers.LayerInfo], calls: int) -> str:
+        parent = layers.enclosing_once(traced, self.target_layer)
         fix = f"use {parent!r}, which runs once" if parent else "choose a module that runs once"
         return (
             f"target layer {self.target_layer!r} is called {calls} times in one forward, so its "

@@ -12,6 +12,7 @@ from .config import Config, ConfigError
 from .data import ImageDataset, Preprocess, make_loader
 from .discovery import InputItem, discover
 from .engine import Explainer
+from .layouts import layout_spec
 from .methods import METHODS
 from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
@@ -74,7 +75,7 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in METRICS} for m in METHODS}
     problems: list[str] = []
     progress = Progress(len(items), quiet=False)
-    with Explainer(model, config.model.target_layer) as explainer:
+    with Explainer(model, config.model.target_layer, layout=layout_spec(config.model)) as explainer:
         for batch in loader:
             progress.update(len(batch.indices) + len(batch.failed), len(batch.failed))
             problems += [f"{items[i].shown}: {error}" for i, error in batch.failed]

@@ -1,6 +1,8 @@
-"""Model sources: a torchvision name (+ weights), a checkpoint, or a "module:callable" factory."""
+"""Model sources: a torchvision name (+ weights), timm:NAME, a checkpoint, or a "module:callable" factory."""
 
+import difflib
 import importlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,8 @@ import torchvision
 from torch import nn
 
 from .config import ModelConfig
+
+_RESIZES = ("bilinear", "bicubic", "nearest")  # timm interpolations the preprocessing has
 
 
 class ModelError(ValueError):
@@ -24,7 +28,18 @@ class LoadedModel:
     module: nn.Module
     name: str  # for summaries: "resnet50 (IMAGENET1K_V2)", "pkg.mod:fn + ckpt.pt"
     labels: list[str] | None
-    transforms: Any | None  # torchvision's preprocessing preset of the weights, if any
+    transforms: Any | None  # the preprocessing preset (torchvision weights' or a TimmPreset), if any
+
+
+@dataclass(frozen=True)
+class TimmPreset:
+    """A timm model's pretrained preprocessing, in the terms of torchvision's presets."""
+
+    resize_size: list[int]  # shorter side (or [h, w] when crop_mode is "squash")
+    crop_size: list[int]  # [h, w]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
 
 
 def load_model(config: ModelConfig, load_weights: bool = True) -> LoadedModel:
@@ -33,6 +48,8 @@ def load_model(config: ModelConfig, load_weights: bool = True) -> LoadedModel:
     With load_weights False only the architecture is built (for listing layers offline); the
     weights' preprocessing preset and labels are still used, as they need no download.
     """
+    if config.arch and config.arch.startswith("timm:"):
+        return _from_timm(config, load_weights)
     weights = _weights(config) if config.weights else None
     if config.factory:
         module = _from_factory(config.factory)
@@ -88,6 +105,55 @@ def _from_torchvision(config: ModelConfig, weights: Any) -> nn.Module:
     return module
 
 
+def _from_timm(config: ModelConfig, load_weights: bool) -> LoadedModel:
+    """A timm model with its pretrained preprocessing: weights from the checkpoint, else the hub."""
+    try:
+        import timm
+        from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+    except ImportError:
+        raise ModelError("timm models need timm: pip install 'hirescam-cli[timm]'") from None
+    arch = config.arch.removeprefix("timm:")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"model.arch = {config.arch!r} is not a timm model{hint}")
+    kwargs = {} if config.num_classes is None else {"num_classes": config.num_classes}
+    download = load_weights and not config.checkpoint
+    try:
+        module = timm.create_model(arch, pretrained=download, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:  # no network, no cached file, a bad download
+        if not download:
+            raise ModelError(f"cannot build timm model {arch}: {str(e).splitlines()[0][:160]}") from None
+        raise ModelError(
+            f"cannot get timm weights for {arch} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "when offline, download them elsewhere and set model.checkpoint (--checkpoint) to the file"
+        ) from None
+    name = config.arch
+    if config.checkpoint and load_weights:
+        load_checkpoint(module, config.checkpoint)
+        name = f"{name} + {config.checkpoint.name}"
+    labels = read_labels(config.labels) if config.labels else None
+    subset = infer_imagenet_subset(module) if labels is None else None
+    if subset and ImageNetInfo(subset).num_classes() == module.num_classes:
+        info = ImageNetInfo(subset)
+        labels = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    data = resolve_data_config({}, model=module)
+    crop = list(data["input_size"][1:])
+    scale = [math.floor(side / data["crop_pct"]) for side in crop]
+    return LoadedModel(
+        module=module.eval(),
+        name=name,
+        labels=labels,
+        transforms=TimmPreset(
+            resize_size=scale if data.get("crop_mode") == "squash" else [min(scale)],
+            crop_size=crop,
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data["interpolation"] if data["interpolation"] in _RESIZES else "bilinear",
+        ),
+    )
+
+
 def _from_factory(spec: str) -> nn.Module:
     """Import `package.module:callable` and call it; this runs code the config names."""
     module_name, _, attr = spec.partition(":")
@@ -104,7 +170,10 @@ def _from_factory(spec: str) -> nn.Module:
 
 
 def load_checkpoint(module: nn.Module, path: Path) -> None:
-    """Load a state_dict saved with torch.save, as data only: pickled code is refused."""
+    """Load a state_dict saved with torch.save or as .safetensors, as data only: pickled code is refused."""
+    if path.suffix == ".safetensors":
+        _load_state(module, _read_safetensors(path), str(path))
+        return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -126,6 +195,23 @@ def load_checkpoint(module: nn.Module, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"checkpoint {path} is not a state_dict (a mapping of names to tensors)")
     _load_state(module, state, str(path))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (a format that holds only data)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ModelError(
+            f"checkpoint {path} is .safetensors, which needs safetensors: pip install 'hirescam-cli[timm]'"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint {path} does not exist") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0][:160]}") from None
 
 
 def _load_state(module: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:

@@ -27,6 +27,7 @@ from .data import Batch, ImageDataset, Preprocess, make_loader
 from .discovery import Catalogue, InputItem, catalogue, read_list
 from .distributed import Job
 from .engine import Explainer, Explanation
+from .layouts import layout_spec
 from .lock import OutLock
 from .models import LoadedModel, load_model
 from .outputs import (
@@ -92,14 +93,21 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def make_preprocess(config: PreprocessConfig, transforms: Any) -> Preprocess:
-    """Config values, else the torchvision weights' preset, else ImageNet defaults (256 / 224)."""
-    resize = config.resize or (transforms.resize_size[0] if transforms else 256)
+    """Config values, else the model's preset (torchvision weights, timm), else ImageNet's 256 / 224."""
+    resize = config.resize or (_preset_size(transforms.resize_size) if transforms else 256)
     crop = config.crop
-    if crop is None and not isinstance(resize, tuple):
-        crop = transforms.crop_size[0] if transforms else 224
+    if crop is None and not isinstance(config.resize, tuple):  # an exact resize in the config: no crop
+        crop = _preset_size(transforms.crop_size) if transforms else 224
     mean = config.mean or (tuple(transforms.mean) if transforms else IMAGENET_MEAN)
     std = config.std or (tuple(transforms.std) if transforms else IMAGENET_STD)
-    return Preprocess(resize=resize, crop=crop, mean=mean, std=std)
+    preset = getattr(transforms, "interpolation", "bilinear")
+    interpolation = config.interpolation or getattr(preset, "value", preset)  # torchvision's is an enum
+    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+
+
+def _preset_size(size: list[int]) -> int | tuple[int, int]:
+    """A preset's [side] or [h, w] as the Preprocess size."""
+    return size[0] if len(size) == 1 else (size[0], size[1])
 
 
 def class_ids(classes: tuple[int | str, ...] | None, labels: list[str] | None) -> list[int] | None:
@@ -329,6 +337,8 @@ class ExplainRun:
         self.output_error: str | None = None
         self.interrupted = False
         self.layer, self.guarantee = self.explainer.target_layer, None
+        blank = torch.zeros((1, 3, *self.preprocess.input_size), device=self.device)
+        self.layout = self.explainer.layout(blank).to_dict()  # decided when the explainer was opened
 
     def _begin(self, wait: bool) -> str:
         """Rank 0, before anyone writes: take OUT's lock, clear what dead runs left; returns a job name."""
@@ -488,6 +498,7 @@ class ExplainRun:
             "preprocess": str(self.preprocess),
             "model": self.loaded.name,
             "target_layer": self.layer,
+            "layout": self.layout,
             "guarantee": self.guarantee,
             "device": str(self.device),
             "versions": {
@@ -526,7 +537,8 @@ def _open_explainer(model, config: Config, preprocess: Preprocess, device, class
     """An Explainer already checked on a blank input, so a bad layer or class fails before OUT is touched."""
     explainer = None
     try:
-        explainer = Explainer(model, config.model.target_layer, amp=config.explain.amp)
+        spec = layout_spec(config.model)
+        explainer = Explainer(model, config.model.target_layer, amp=config.explain.amp, layout=spec)
         _explain(explainer, torch.zeros((1, 3, *preprocess.input_size), device=device), config, classes)
     except ValueError as e:
         if explainer is not None:
@@ -562,6 +574,7 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
             "sha256": batch.sha256[row],
             "model": loaded.name,
             "target_layer": result.target_layer,
+            "layout": result.layout.to_dict(),
             "fingerprint": finger,
         }
 

@@ -61,6 +61,7 @@ def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[
         "scores": result.scores,
         "valid": result.valid,
         "gap": result.completeness_gap,
+        "prefix_sum": result.prefix_sum,
     }
     for name, maps in result.maps.items():
         numbers[f"{name}.min"] = maps.amin((-2, -1))
@@ -111,6 +112,7 @@ def image_summary(
             "logit": _g(numbers["scores"][row][t]),
             "probability": _g(numbers["target_prob"][row][t]),
             "completeness_gap": _g(numbers["gap"][row][t]),
+            "hirescam_prefix_sum": _g(numbers["prefix_sum"][row][t]),
             "guarantee": guarantee,
             "maps": maps,
         }

@@ -202,7 +202,7 @@ def test_module_called_twice_is_refused_naming_the_enclosing_block():
 def test_non_map_layer_is_refused_with_its_shape():
     with (
         Explainer(small_net(), "7") as explainer,
-        pytest.raises(ValueError, match=r"outputs \(1, 5\), not a \(B, K, h, w\) map"),
+        pytest.raises(ValueError, match=r"outputs \(1, 5\), not a spatial map"),
     ):
         explainer(torch.randn(1, 3, 16, 16))
 

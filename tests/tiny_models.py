@@ -70,3 +70,25 @@ class _Gated(nn.Module):
 def gated_net() -> nn.Module:
     """tiny_net held at its second batch while $HIRESCAM_TEST_GATE exists."""
     return _Gated(tiny_net())
+
+
+def tiny_vit() -> nn.Module:
+    """A torchvision VisionTransformer for 32x32 inputs: a class token and a 4x4 patch grid."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    )
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
+    return model
+
+
+def tiny_swin() -> nn.Module:
+    """A torchvision SwinTransformer for 32x32 inputs: channels-last stages of 8x8 and 4x4."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=12, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=3
+    )
