@@ -14,8 +14,9 @@ from .layers import choose_auto, trace_layers
 from .models import ModelError, load_model
 from .outputs import OutputError
 from .pipeline import EXIT_OUTPUT, EXIT_USAGE, make_preprocess, run_explain
+from .report import ReportError, write_report
 
-USAGE_ERRORS = (ConfigError, ModelError, InputError)
+USAGE_ERRORS = (ConfigError, ModelError, InputError, ReportError)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -71,7 +72,8 @@ def cli() -> None:
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels than this.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def explain(inputs, out, config, model, overwrite, quiet, **flags) -> None:
+@click.option("--report", is_flag=True, help="Also write OUT/report/index.html (see `hirescam report`).")
+def explain(inputs, out, config, model, overwrite, quiet, report, **flags) -> None:
     """Explain image files, folders (recursive) or glob patterns into OUT."""
     overrides = {
         **_model_flags(model),
@@ -95,7 +97,19 @@ def explain(inputs, out, config, model, overwrite, quiet, **flags) -> None:
         "preprocess.max_pixels": flags["max_pixels"],
     }
     settings = load(config, overrides)
-    sys.exit(run_explain(settings, list(inputs), out, overwrite=overwrite, quiet=quiet))
+    code = run_explain(settings, list(inputs), out, overwrite=overwrite, quiet=quiet)
+    if report:
+        path = write_report(out)
+        if not quiet:
+            click.echo(f"hirescam: report -> {path}", err=True)
+    sys.exit(code)
+
+
+@cli.command(name="report")
+@click.argument("out", type=click.Path(path_type=Path))
+def report_command(out) -> None:
+    """Write OUT/report/index.html: a static, offline gallery of the run in OUT."""
+    click.echo(write_report(out))
 
 
 @cli.command()
@@ -125,7 +139,7 @@ def layers(config, model) -> None:
     "--masks", required=True, type=click.Path(path_type=Path), help="Folder of MASKS/<image>/<label>.png."
 )
 @config_option
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json here.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json and eval.html here.")
 @click.option("--workers", type=int, help="Decoding processes.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 def evaluate(images, masks, config, out, workers, device) -> None:

@@ -16,6 +16,7 @@ from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
 from .pipeline import Progress, default_batch_size, make_preprocess, pick_device
+from .report import write_eval_page
 
 METRICS = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
 
@@ -114,6 +115,7 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
         outdir = OutputDir(out)
         outdir.write_json(outdir.root / "eval.json", report)
         outdir.close()
+        write_eval_page(outdir.root, report)
     return report
 
 

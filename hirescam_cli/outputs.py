@@ -6,6 +6,7 @@ Layout under OUT, for an input whose key is `a/cat.jpg`:
     a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
     results.jsonl                    one line per input, in input order
     run.json                         the effective config, versions, device, counts, timings
+    report/, eval.html               the HTML report and eval page (hirescam_cli.report)
 Temporary files live in OUT/.tmp and are renamed into place, so a reader never sees half a file.
 """
 
@@ -24,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 SCHEMA = "hirescam-cli/summary/1"
-RESERVED = ("results.jsonl", "run.json", "eval.json", ".tmp")  # names under OUT that no input key takes
+# names under OUT that no input key takes
+RESERVED = ("results.jsonl", "run.json", "eval.json", "eval.html", "report", ".tmp")
 
 
 class OutputError(Exception):
