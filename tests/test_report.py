@@ -267,6 +267,8 @@ def test_number_formats_match_javascript():
         "\N{EN DASH}",
     ]
     assert [fixed(v, 3) for v in (0.99355, 1.0, float("nan"))] == ["0.994", "1.000", "\N{EN DASH}"]
+    assert [fixed(v, 2) for v in (0.625, -0.625, 0.125)] == ["0.63", "-0.63", "0.13"]  # ties away from zero
+    assert exponent(1.25) == "1.3e+0" and exponent(0.0) == "0.0e+0"
 
 
 def test_inputs_that_resolve_to_reserved_names_keep_clear_of_report(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """What both pages share: the Jinja environment, number formats, method names and atomic writes."""
 
+import decimal
 import math
 import os
 from pathlib import Path
@@ -21,16 +22,24 @@ def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
+def _js_format(value: float, spec: str) -> str:
+    """Format the float's exact value rounding ties away from zero, as JavaScript's toFixed does."""
+    with decimal.localcontext(rounding=decimal.ROUND_HALF_UP):
+        return format(decimal.Decimal(value + 0.0), spec)  # + 0.0: no sign on a negative zero
+
+
 def fixed(value: float | None, digits: int) -> str:
-    """A number with `digits` decimals, or an en dash when there is none."""
-    return "\N{EN DASH}" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    """A number with `digits` decimals (JavaScript's toFixed), or an en dash when there is none."""
+    return "\N{EN DASH}" if value is None or not math.isfinite(value) else _js_format(value, f".{digits}f")
 
 
 def exponent(value: float | None) -> str:
-    """A number as 1.2e-6 (the form JavaScript's toExponential(1) writes)."""
+    """A number as 1.2e-6 (JavaScript's toExponential(1)), or an en dash when there is none."""
     if value is None or not math.isfinite(value):
         return "\N{EN DASH}"
-    mantissa, power = f"{value:.1e}".split("e")
+    if value == 0:
+        return "0.0e+0"
+    mantissa, power = _js_format(value, ".1e").split("e")
     return f"{mantissa}e{int(power):+d}"
 
 
