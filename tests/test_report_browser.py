@@ -126,7 +126,7 @@ def test_filtering_by_class_status_and_name(page, run_out):
     page.page.select_option("#status", "")
     page.page.fill("#name", "sample_0")
     page.page.wait_for_function("document.querySelectorAll('li.card').length === 5")
-    assert page.page.locator("#shown").inner_text().startswith("Images 1–5 of 5")
+    assert page.page.locator("#shown").inner_text().startswith("Images 1\N{EN DASH}5 of 5")
     assert page.problems == []
 
 
