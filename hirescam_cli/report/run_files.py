@@ -3,7 +3,7 @@
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..outputs import RESERVED
@@ -105,9 +105,10 @@ def _entry(root: Path, index: int, record: dict[str, Any]) -> Entry:
         return Entry(index, shown, "error", shown, error=str(record.get("error") or "unknown error"))
     relative = str(record.get("summary", ""))
     key = relative.removesuffix("/summary.json")
-    path = (root / relative).resolve()
-    if not relative or not path.is_relative_to(root.resolve()):
+    parts = PurePosixPath(relative).parts
+    if not parts or parts[0] == "/" or ".." in parts:
         return Entry(index, key or shown, "error", shown, error="results.jsonl names no summary inside OUT")
+    path = root / relative
     try:
         summary = json.loads(path.read_bytes())
         if not isinstance(summary, dict):

@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 
 from ..data import _rgb_array  # the run's own conversion of every mode to RGB
 
-THUMB_SIDE = 192  # grid thumbnails: longest side in pixels
-VIEW_SIDE = 1024  # the original shown full size in the viewer (the run's overlays are linked as they are)
+THUMB_SIDE = 160  # grid thumbnails (shown at 128 CSS pixels): longest side in pixels
+VIEW_SIDE = 640  # the original as the viewer shows it (the run's overlays are linked as they are)
 QUALITY = 80
 POOL_FROM = 64  # fewer jobs than this run in this process
 
@@ -110,11 +110,11 @@ def _make(task: tuple[str, Job]) -> list[str]:
         return []
     made = []
     for name, side in sorted(job.outputs, key=lambda o: -o[1]):
-        picture.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+        picture.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
         path = Path(folder) / name
         temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            picture.save(temp, "JPEG", quality=QUALITY, optimize=True)
+            picture.save(temp, "JPEG", quality=QUALITY)
             os.replace(temp, path)
         except OSError:
             temp.unlink(missing_ok=True)
