@@ -214,7 +214,7 @@ def _guarantee_of_summaries(run: Run) -> bool | None:
 
 def _guarantee(value: Any) -> str:
     if value is True:
-        return "holds: everything after the layer is affine, so HiResCAM sums to logit - bias"
+        return "holds: the head is affine, so HiResCAM sums to logit - bias"
     if value is False:
         return "does not hold: the head after the layer is not affine"
     return "unknown (no image was explained)"

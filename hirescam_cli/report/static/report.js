@@ -108,6 +108,7 @@
   }
   function renderCard(r) {
     const head = el("div", { class: "card-head" }, el("h2", { class: "name" }, r.n), el("span", { class: "status" }, r.s));
+    if (r.s !== "error") head.append(el("button", { type: "button", class: "open" }, "Full size"));
     const card = el("li", { class: "card " + r.s, "data-i": String(r.i) }, head);
     if (r.s === "error") {
       card.append(el("p", { class: "reason" }, r.e));
@@ -134,7 +135,7 @@
         maps));
     }
     if (!(r.t || []).length) targets.append(el("p", { class: "none" }, "no class explained"));
-    card.append(body, el("button", { type: "button", class: "open" }, "Full size"));
+    card.append(body);
     return card;
   }
 
