@@ -359,3 +359,10 @@ def test_eval_writes_eval_html_beside_eval_json(tmp_path, capsys):
     assert "pointing game" in html and "deletion AUC" in html
     capsys.readouterr()
     assert os.path.getsize(tmp_path / "out" / "eval.html") < 200_000
+
+
+def test_a_run_with_no_inputs_has_a_page_saying_so(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"model": "m", "counts": {"inputs": 0, "ok": 0}}))
+    (tmp_path / "results.jsonl").write_text("")
+    html = write_report(tmp_path).read_text()
+    assert "The run has no inputs." in html and report_data(tmp_path)["images"] == []
