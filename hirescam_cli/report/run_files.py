@@ -42,6 +42,9 @@ def read_run(out: Path) -> Run:
         raise ReportError(f"{out} is not a folder")
     notes: list[str] = []
     info = _read_json(root / "run.json", notes, "run.json")
+    if info is not None and not isinstance(info, dict):
+        notes.append("run.json is not a JSON object")
+        info = None
     records = _read_results(root / "results.jsonl", notes)
     if records is None:
         records = _summaries_on_disk(root)
