@@ -37,6 +37,16 @@ def explain_with_report(root: Path, count: int = 5) -> Path:
     return out
 
 
+_shared: list[Path] = []
+
+
+def shared_run(tmp_path_factory) -> Path:
+    """One `explain_with_report` per test session, for tests that only read it."""
+    if not _shared:
+        _shared.append(explain_with_report(tmp_path_factory.mktemp("report")))
+    return _shared[0]
+
+
 def report_data(out: Path) -> dict:
     """The data report.js works from (data.js without its assignment)."""
     text = (out / "report" / "data.js").read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from PIL import Image
-from report_runs import MALICIOUS, cli, explain_with_report, report_data
+from report_runs import MALICIOUS, cli, report_data, shared_run
 
 from hirescam_cli.report import ReportError, write_eval_page, write_report
 from hirescam_cli.report.gallery import PAGE_SIZE
@@ -24,7 +24,7 @@ SAFE_URL = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.
 
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory) -> Path:
-    return explain_with_report(tmp_path_factory.mktemp("report"))
+    return shared_run(tmp_path_factory)
 
 
 @pytest.fixture
@@ -336,7 +336,7 @@ def test_eval_page_without_optional_parts(tmp_path):
 def test_eval_writes_eval_html_beside_eval_json(tmp_path, capsys):
     from hirescam_cli.demo.samples import write_samples
 
-    write_samples(tmp_path / "images", tmp_path / "masks", count=2)
+    write_samples(tmp_path / "images", tmp_path / "masks", count=1)
     (tmp_path / "labels.txt").write_text("circle\nsquare\ntriangle\nstar\ncross\n")
     assert (
         cli(

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from report_runs import MALICIOUS, explain_with_report, report_data
+from report_runs import MALICIOUS, report_data, shared_run
 
 from hirescam_cli.report import write_report
 from hirescam_cli.report.gallery import PAGE_SIZE
@@ -35,7 +35,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory) -> Path:
-    return explain_with_report(tmp_path_factory.mktemp("browser"))
+    return shared_run(tmp_path_factory)
 
 
 class Page:
