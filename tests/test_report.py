@@ -165,6 +165,7 @@ def test_first_page_is_in_the_html_with_names_escaped(run_out):
     reason = next(i["e"] for i in data["images"] if i["s"] == "error")
     assert html.count(reason) == 2  # the broken file's reason, in the failures table and its card
     assert page.tags.count("script") == 2
+    assert "Content-Security-Policy" in html and "script-src 'self'" in html  # no inline script could run
 
 
 def test_report_never_touches_the_run_and_is_incremental(out):
