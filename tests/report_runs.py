@@ -10,7 +10,7 @@ from hirescam_cli.cli import main
 from hirescam_cli.demo.samples import write_samples
 
 MALICIOUS = "<img src=x onerror=alert(1)>.png"
-PREFIX = "window.HIRESCAM_REPORT = "
+PREFIX = "window.HIRESCAM_REPORT = JSON.parse("
 
 
 def cli(*args: object) -> int:
@@ -51,4 +51,4 @@ def report_data(out: Path) -> dict:
     """The data report.js works from (data.js without its assignment)."""
     text = (out / "report" / "data.js").read_text(encoding="utf-8")
     assert text.startswith(PREFIX)
-    return json.loads(text.removeprefix(PREFIX).rstrip().removesuffix(";"))
+    return json.loads(json.loads(text.removeprefix(PREFIX).rstrip().removesuffix(");")))

@@ -138,11 +138,13 @@ def page_data(run: Run, methods: list[str], images: list[dict[str, Any]]) -> dic
 
 
 def data_script(page: dict[str, Any]) -> bytes:
-    """data.js: the page's data as one JavaScript assignment, safe inside any HTML context."""
+    """data.js: the page's data as JSON in a string literal (V8 parses that several times faster than
+    the same object literal), with the characters that could end a script or a line escaped."""
     text = json.dumps(page, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
+    literal = json.dumps(text, ensure_ascii=False)
     for char in "<>&\u2028\u2029":
-        text = text.replace(char, f"\\u{ord(char):04x}")
-    return f"window.HIRESCAM_REPORT = {text};\n".encode()
+        literal = literal.replace(char, f"\\u{ord(char):04x}")
+    return f"window.HIRESCAM_REPORT = JSON.parse({literal});\n".encode()
 
 
 def _first(run: Run, field: str) -> Any:
