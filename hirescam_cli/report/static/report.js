@@ -227,5 +227,5 @@
   } else {
     render();
   }
-  document.documentElement.dataset.ready = "1";
+  document.documentElement.dataset.ready = String(performance.now()); // ms since navigation began
 })();
