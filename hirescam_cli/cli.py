@@ -12,12 +12,13 @@ from .discovery import InputError
 from .evaluation import run_eval
 from .layers import choose_auto, probe_input, trace_layers
 from .layouts import layout_spec
-from .lock import OutputLocked
+from .lock import OutLock, OutputLocked
 from .models import ModelError, load_model
 from .outputs import OutputError
 from .pipeline import EXIT_LOCKED, EXIT_OUTPUT, EXIT_USAGE, make_preprocess, run_explain
+from .report import ReportError, write_report
 
-USAGE_ERRORS = (ConfigError, ModelError, InputError)
+USAGE_ERRORS = (ConfigError, ModelError, InputError, ReportError)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -111,7 +112,8 @@ def cli() -> None:
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels than this.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_empty, wait, **flags) -> None:
+@click.option("--report", is_flag=True, help="Also write OUT/report/index.html (see `hirescam report`).")
+def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_empty, wait, report, **flags):
     """Explain image files, folders (recursive) or glob patterns into OUT."""
     if not inputs and inputs_from is None:
         raise click.UsageError("give INPUTS, or --inputs-from FILE")
@@ -138,8 +140,23 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
         "preprocess.max_pixels": flags["max_pixels"],
     }
     settings = load(config, overrides)
-    options = {"wait": wait, "inputs_from": inputs_from, "allow_empty": allow_empty}
+    options = {"wait": wait, "inputs_from": inputs_from, "allow_empty": allow_empty, "report": report}
     sys.exit(run_explain(settings, list(inputs), out, overwrite, quiet, **options))
+
+
+@cli.command(name="report")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--wait", is_flag=True, help="If a run holds OUT, wait for it instead of exiting 4.")
+def report_command(out, wait) -> None:
+    """Write OUT/report/index.html: a static, offline gallery of the run in OUT."""
+    if not out.is_dir():
+        raise ReportError(f"{out} is not a folder: give the OUT of a `hirescam explain` run")
+    lock = OutLock(out)  # a report never reads a run that is still writing
+    lock.acquire(wait, waiting=lambda message: click.echo(f"hirescam: {message}", err=True))
+    try:
+        click.echo(write_report(out))
+    finally:
+        lock.release()
 
 
 @cli.command()
@@ -186,7 +203,7 @@ def layers(config, model, **flags) -> None:
     "--masks", required=True, type=click.Path(path_type=Path), help="Folder of MASKS/<image>/<label>.png."
 )
 @config_option
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json here.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json and eval.html here.")
 @click.option("--workers", type=int, help="Decoding processes.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 def evaluate(images, masks, config, out, workers, device) -> None:

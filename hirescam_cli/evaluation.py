@@ -18,6 +18,7 @@ from .metrics import deletion_insertion, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
 from .pipeline import Progress, make_preprocess, pick_device
+from .report import write_eval_page
 from .resources import choose as choose_resources
 
 METRICS = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
@@ -118,6 +119,7 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
         outdir = OutputDir(out)
         outdir.write_json(outdir.root / "eval.json", report)
         outdir.close()
+        write_eval_page(outdir.root, report)
     return report
 
 

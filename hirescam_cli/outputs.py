@@ -7,6 +7,7 @@ Layout under OUT, for an input whose key is `a/cat.jpg`:
     results.jsonl                    one line per input, in input order
     run.json                         the effective config, versions, device, counts, timings
     .lock                            the OUT lock (lock.py)
+    report/, eval.html               the HTML report and eval page (hirescam_cli.report)
 Each process writes its temporary files in a folder of its own under OUT/.tmp and renames them into
 place, so a reader never sees half a file and no run touches another's files.
 """
@@ -36,7 +37,7 @@ except ImportError:  # the fast encoder is optional: PNGs then come from zlib (-
 SCHEMA = "hirescam-cli/summary/1"
 LOCK_NAME = ".lock"
 # names under OUT that no input key takes
-RESERVED = ("results.jsonl", "run.json", "eval.json", ".tmp", LOCK_NAME)
+RESERVED = ("results.jsonl", "run.json", "eval.json", "eval.html", "report", ".tmp", LOCK_NAME)
 
 
 class OutputError(Exception):

@@ -42,6 +42,7 @@ from .outputs import (
     remove_stale_temp,
     temp_root,
 )
+from .report import write_report
 from .resources import choose as choose_resources
 from .summary import batch_numbers, image_summary
 from .writers import ImageJob, Writers
@@ -266,11 +267,13 @@ def run_explain(
     wait: bool = False,
     inputs_from: str | None = None,
     allow_empty: bool = False,
+    report: bool = False,
 ) -> int:
     """Explain every input into `out`; returns the exit code.
 
     `inputs_from`: a file listing one path per line ("-": standard input); `allow_empty`: no image at
-    all is a normal outcome (exit 0); `wait`: wait for another run that holds OUT's lock.
+    all is a normal outcome (exit 0); `wait`: wait for another run that holds OUT's lock; `report`:
+    write OUT/report/index.html at the end, while the lock is still held.
     """
     started = time.time()
     listed = read_list(inputs_from) if inputs_from is not None else None
@@ -279,7 +282,7 @@ def run_explain(
             if not quiet:
                 print("hirescam: no images found, nothing to do (--allow-empty)", file=sys.stderr, flush=True)
             return EXIT_OK
-        return ExplainRun(config, items, out, overwrite, quiet, wait, started).run()
+        return ExplainRun(config, items, out, overwrite, quiet, wait, started, report).run()
 
 
 class ExplainRun:
@@ -295,8 +298,10 @@ class ExplainRun:
         quiet: bool,
         wait: bool,
         started: float,
+        report: bool = False,
     ):
         self.started = started  # before discovery
+        self.report = report
         self.config, self.items = config, items
         self.job = Job.from_env()
         self.quiet = quiet or not self.job.lead  # progress and messages are shown once, by rank 0
@@ -448,6 +453,8 @@ class ExplainRun:
             raise OutputError(f"cannot write outputs under {self.out.root}: {self.output_error}")
         done = f"{counts['ok']} explained, {counts['skipped']} skipped, {counts['error']} failed"
         self.say(f"{done} -> {self.out.root}")
+        if self.report and self.job.lead:
+            self.say(f"report -> {write_report(self.out.root)}")
         if lost:
             self.say(
                 f"error: process(es) of rank {', '.join(map(str, lost))} stopped before finishing; "
