@@ -9,6 +9,7 @@ import torch
 from . import __version__
 from .config import ConfigError, load
 from .data import InputError
+from .engine import Explainer
 from .evaluation import run_eval
 from .layers import choose_auto, trace_layers
 from .models import ModelError, load_model
@@ -109,14 +110,24 @@ def layers(config, model) -> None:
     height, width = preprocess.input_size
     traced = trace_layers(loaded.module, torch.zeros(1, 3, height, width))
     auto = choose_auto(traced)
+    usable = [info.name for info in traced if info.is_map and info.calls == 1]
+    example = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with Explainer(loaded.module) as explainer:  # one forward and one gradient for every layer
+        identical = explainer.identical_layers(example, usable)
     click.echo(f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}")
-    click.echo(f"{'layer':40s} {'output shape':22s} runs")
+    click.echo(f"{'layer':40s} {'output shape':22s} {'runs':18s} HiResCAM vs Grad-CAM")
     for info in traced:
         if not info.is_map:
             continue
         mark = "  <- auto" if info.name == auto else ""
         once = "once" if info.calls == 1 else f"{info.calls}x (not usable)"
-        click.echo(f"{info.name:40s} {'x'.join(map(str, info.shape[1:])):22s} {once}{mark}")
+        maps = {True: "identical", False: "differ", None: "-"}[identical.get(info.name)]
+        click.echo(f"{info.name:40s} {'x'.join(map(str, info.shape[1:])):22s} {once:18s} {maps}{mark}")
+    if identical.get(auto):
+        click.echo(
+            "identical: the gradient is constant over the grid (a global-average-pool head), so "
+            "HiResCAM equals Grad-CAM there by construction; pick a layer marked 'differ' to see a difference"
+        )
 
 
 @cli.command(name="eval")

@@ -11,6 +11,8 @@ from . import layers
 from .methods import check_methods, compute
 
 _PROBE_SEED = 0
+CONSTANT_TOLERANCE = 1e-5  # G varying by less than this fraction of max |G| counts as constant
+_OCCLUSION_CHUNK = {"cuda": 1024, "cpu": 256}  # occluded copies per forward, by device type
 
 # Autograd nodes that are linear in each input; for the products, in one input at a time.
 _LINEAR_NODES = {
@@ -77,6 +79,7 @@ class Explanation:
     baseline: Tensor  # (B, T): the score with the target layer's output set to zero
     guarantee: bool  # the head after the layer is affine, so HiResCAM sums to score - baseline
     target_layer: str
+    identical_by_construction: Tensor  # (B, T) bool: G constant over the grid, so HiResCAM == Grad-CAM
 
     def select(self, rows: Tensor) -> "Explanation":
         """The same explanation restricted to some of the batch's images."""
@@ -89,6 +92,7 @@ class Explanation:
             valid=self.valid[rows],
             completeness_gap=self.completeness_gap[rows],
             baseline=self.baseline[rows],
+            identical_by_construction=self.identical_by_construction[rows],
         )
 
 
@@ -98,6 +102,15 @@ class _Head:
 
     affine: bool
     baseline: Tensor  # (C,) logits at a zero activation
+
+
+@dataclass
+class _Occlusion:
+    """What occlusion needs to know about the model at one input size."""
+
+    grid: tuple[int, int]
+    classes: int
+    batched: bool | None = None  # the rest of the network takes the larger batch; None: not tried yet
 
 
 class Explainer:
@@ -114,6 +127,7 @@ class Explainer:
         if target_layer != "auto":
             layers.get_module(model, target_layer)
         self._heads: dict[tuple[int, ...], _Head] = {}
+        self._occlusions: dict[tuple[int, ...], _Occlusion] = {}
         self._saved = [(p, p.requires_grad) for p in model.parameters()]
         self._was_training = model.training
         for param, _ in self._saved:
@@ -167,7 +181,84 @@ class Explainer:
             baseline=baseline,
             guarantee=head.affine,
             target_layer=self.target_layer,
+            identical_by_construction=constant_over_grid(grads),
         )
+
+    def occlusion(
+        self,
+        x: Tensor,
+        classes: int | Sequence[int] | Tensor,
+        positions: Tensor | None = None,
+        chunk: int | None = None,
+    ) -> Tensor:
+        """Layer occlusion: Delta (B, T, h, w) = s_c(A) - s_c(A with A[:, :, p] = 0), float32.
+
+        `classes` as for a call (int, list or (B, T) tensor). `positions` (flat indices into the
+        h*w grid, the same for every image) limits the occluded positions; the others are NaN.
+        The hook hands the rest of the network the activation and its occluded copies as one
+        larger batch, so the layers below the target run once per image (up to `chunk` copies per
+        forward). Where the rest of the network cannot take a larger batch (detected once per
+        input size) the input is repeated instead: the same Delta at the cost of full forwards.
+        """
+        self._check_input(x)
+        plan = self._occlusion_plan(x)
+        batch, cells = x.shape[0], plan.grid[0] * plan.grid[1]
+        targets, _ = _targets(x.new_zeros(batch, plan.classes), 1, classes, None)
+        if positions is None:
+            positions = torch.arange(cells, device=x.device)
+        positions = torch.as_tensor(positions, device=x.device)
+        if positions.ndim != 1 or positions.is_floating_point() or len(positions) == 0:
+            raise ValueError("positions must be a non-empty 1-D tensor of flat grid indices")
+        distinct = len(positions.unique()) == len(positions)
+        if int(positions.min()) < 0 or int(positions.max()) >= cells or not distinct:
+            raise ValueError(f"positions must be distinct indices in 0..{cells - 1}")
+        chunk = chunk or _OCCLUSION_CHUNK.get(x.device.type, _OCCLUSION_CHUNK["cpu"])
+        delta = torch.full((batch, targets.shape[1], cells), float("nan"), device=x.device)
+        for images, part in _occlusion_jobs(batch, positions, chunk):
+            scores = self._occluded_scores(x[images], targets[images], part, plan)  # (b, 1 + n, T)
+            delta[images][:, :, part] = (scores[:, :1] - scores[:, 1:]).transpose(1, 2)
+        return delta.view(batch, targets.shape[1], *plan.grid)
+
+    def identical_layers(self, x: Tensor, names: Sequence[str]) -> dict[str, bool | None]:
+        """Per layer: are HiResCAM and Grad-CAM identical by construction for x's top-1 classes?
+
+        One forward keeps every named layer's output in the graph and one gradient of the top-1
+        scores reaches them all. None for a layer that outputs no map or that the score does not
+        depend on. Name layers that run once per forward.
+        """
+        outputs: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+                if not isinstance(output, Tensor) or output.ndim != 4 or not output.requires_grad:
+                    return None
+                outputs[name] = output
+                return output.clone()  # a later in-place op then rewrites the clone, not this node
+
+            return hook
+
+        handles = [layers.get_module(self.model, name).register_forward_hook(keep(name)) for name in names]
+        try:
+            with torch.enable_grad(), self._autocast(x.device):
+                logits = self.model(x.detach().requires_grad_())
+        finally:
+            for handle in handles:
+                handle.remove()
+        kept = list(outputs)
+        found: dict[str, bool | None] = {}
+        if kept:
+            score = logits.max(1).values.sum()
+            grads = torch.autograd.grad(score, [outputs[n] for n in kept], allow_unused=True)
+            for name, grad in zip(kept, grads, strict=True):
+                found[name] = None if grad is None else bool(constant_over_grid(grad[:, None]).all())
+        return {name: found.get(name) for name in names}
+
+    def differing_layer(self, x: Tensor) -> str | None:
+        """The nearest layer before the target (not inside it) where HiResCAM and Grad-CAM differ for x."""
+        self._check_input(x)
+        names = layers.earlier_layers(layers.trace_layers(self.model, x[:1]), self.target_layer)
+        identical = self.identical_layers(x[:1], names)
+        return next((name for name in names if identical[name] is False), None)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -255,6 +346,44 @@ class Explainer:
         (grad,) = torch.autograd.grad(scores, leaf, seeds, is_grads_batched=True)
         return grad.movedim(0, 1)
 
+    def _occlusion_plan(self, x: Tensor) -> "_Occlusion":
+        """Grid and class count of the target at this input size, from one plain forward of x[:1]."""
+        key = tuple(x.shape[1:])
+        if key not in self._occlusions:
+            with torch.inference_mode(), self._autocast(x.device):
+                logits, (act,) = self._run_with(x[:1], lambda out: out)
+            self._occlusions[key] = _Occlusion(grid=tuple(act.shape[-2:]), classes=logits.shape[1])
+        return self._occlusions[key]
+
+    def _occluded_scores(self, x: Tensor, targets: Tensor, positions: Tensor, plan: "_Occlusion") -> Tensor:
+        """Scores (b, 1 + n, T) of x's targets: the layer's output intact, then zeroed at each position."""
+        copies = 1 + len(positions)
+        logits = None
+        if plan.batched is not False:
+            try:
+                logits = self._occluded_logits(x, lambda out: occluded_copies(out, positions))
+            except Exception:  # any failure of the larger batch means: use the fallback
+                logits = None
+            if logits is not None and logits.shape[0] != len(x) * copies:
+                logits = None
+            if logits is not None and plan.batched is None:
+                plain = self._occluded_logits(x, lambda out: out)
+                intact = logits.view(len(x), copies, -1)[:, 0]
+                tol = (2e-2 if self.amp else 1e-3) * float(plain.abs().max()) + 1e-5
+                logits = logits if float((intact - plain).abs().max()) <= tol else None
+            plan.batched = logits is not None
+        if logits is None:  # the same copies at the same batch size: the input repeated per copy
+            repeated = x.repeat_interleave(copies, 0)
+            logits = self._occluded_logits(repeated, lambda out: occluded_copies(out[::copies], positions))
+        logits = logits.view(len(x), copies, -1)
+        return logits.gather(2, targets[:, None, :].expand(-1, copies, -1))
+
+    def _occluded_logits(self, x: Tensor, replace) -> Tensor:
+        """float32 logits of x with the target's output mapped through `replace`, in inference mode."""
+        with torch.inference_mode(), self._autocast(x.device):
+            logits, _ = self._run_with(x, replace)
+        return logits.float()
+
     def _head(self, x: Tensor, logits: Tensor) -> _Head:
         """Decide once per input shape whether logits are affine in the target's output.
 
@@ -288,6 +417,36 @@ class Explainer:
             float(err.abs().max()) <= tol for err in (f12 - f0 - d1 - d2, fneg - f0 + d1, f0_other - f0)
         )
         return _Head(affine=affine, baseline=f0.float())
+
+
+def occluded_copies(act_map: Tensor, positions: Tensor) -> Tensor:
+    """(B, K, h, w) -> (B * (1 + n), K, h, w), image-major: each map, then a copy of it per
+    position in `positions` (n flat grid indices) with every channel zeroed there."""
+    height, width = act_map.shape[-2:]
+    keep = torch.ones(1 + len(positions), height * width, dtype=torch.bool, device=act_map.device)
+    keep[torch.arange(1, 1 + len(positions), device=act_map.device), positions] = False
+    keep = keep.view(1, -1, 1, height, width)
+    copies = torch.where(keep, act_map[:, None], torch.zeros((), dtype=act_map.dtype, device=act_map.device))
+    return copies.flatten(0, 1)
+
+
+def constant_over_grid(grads: Tensor) -> Tensor:
+    """(B, T, K, h, w) gradients -> (B, T) bool: every channel's gradient is the same at every
+    position (to CONSTANT_TOLERANCE of max |G|), so HiResCAM equals Grad-CAM by construction."""
+    spread = grads.amax((-2, -1)) - grads.amin((-2, -1))
+    scale = grads.abs().amax((-3, -2, -1))
+    return (spread <= CONSTANT_TOLERANCE * scale[..., None]).all(-1)
+
+
+def _occlusion_jobs(batch: int, positions: Tensor, chunk: int) -> list[tuple[slice, Tensor]]:
+    """(images, positions) of each forward: as many whole images as fit `chunk` copies, or
+    one image's positions in pieces when a single image's copies do not fit."""
+    count = len(positions)
+    if count + 1 <= chunk:
+        per = chunk // (count + 1)
+        return [(slice(i, i + per), positions) for i in range(0, batch, per)]
+    piece = max(1, chunk - 1)
+    return [(slice(i, i + 1), positions[j : j + piece]) for i in range(batch) for j in range(0, count, piece)]
 
 
 def _graph_is_linear(root: object) -> bool:

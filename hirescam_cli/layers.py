@@ -80,3 +80,14 @@ def enclosing_once(layers: list[LayerInfo], name: str) -> str | None:
         if info is not None and info.calls == 1 and info.is_map:
             return name
     return None
+
+
+def earlier_layers(layers: list[LayerInfo], target: str) -> list[str]:
+    """Map layers that run once and finish before `target` starts (not inside it), nearest first."""
+    names = [info.name for info in layers]
+    before = layers[: names.index(target)] if target in names else []
+    return [
+        info.name
+        for info in reversed(before)
+        if info.is_map and info.calls == 1 and not info.name.startswith(target + ".")
+    ]

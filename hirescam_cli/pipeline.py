@@ -236,6 +236,7 @@ class ExplainRun:
         self.output_error: str | None = None
         self.interrupted = False
         self.layer, self.guarantee = self.explainer.target_layer, None
+        self.identical: bool | None = None  # every explained target so far identical by construction
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -283,11 +284,29 @@ class ExplainRun:
             x[slots] = batch.inputs.to(self.device, non_blocking=True)
             result = _explain(self.explainer, x, self.config, self.classes).select(slots)
             self.guarantee = result.guarantee
+            self._note_identical(x[slots[:1]], result)
             pictures = renderer(result, batch)
             records |= _submit(
                 writers, self.out, batch, result, pictures, items, self.loaded, self.config, self.fingerprint
             )
         return records
+
+    def _note_identical(self, x: torch.Tensor, result: Explanation) -> None:
+        """Track whether HiResCAM == Grad-CAM by construction; say so once, with a layer where they differ."""
+        flags = result.identical_by_construction[result.valid]
+        if not len(flags):
+            return
+        identical = bool(flags.all()) and self.identical is not False
+        if identical and self.identical is None:
+            earlier = self.explainer.differing_layer(x)
+            hint = "no earlier layer differs"
+            if earlier:
+                hint = f"they differ at {earlier!r} (--target-layer {earlier})"
+            self.say(
+                f"note: HiResCAM and Grad-CAM are identical by construction at {self.layer!r} (its gradient "
+                f"is constant over the grid, as behind a global-average-pool head); {hint}"
+            )
+        self.identical = identical
 
     def _drain(self, limit: int) -> None:
         """Log finished records in input order until at most `limit` are pending."""
@@ -334,6 +353,7 @@ class ExplainRun:
             "model": self.loaded.name,
             "target_layer": self.layer,
             "guarantee": self.guarantee,
+            "identical_by_construction": self.identical,
             "device": str(self.device),
             "versions": {
                 "python": platform.python_version(),

@@ -61,6 +61,7 @@ def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[
         "scores": result.scores,
         "valid": result.valid,
         "gap": result.completeness_gap,
+        "identical": result.identical_by_construction,
     }
     for name, maps in result.maps.items():
         numbers[f"{name}.min"] = maps.amin((-2, -1))
@@ -112,6 +113,7 @@ def image_summary(
             "probability": _g(numbers["target_prob"][row][t]),
             "completeness_gap": _g(numbers["gap"][row][t]),
             "guarantee": guarantee,
+            "identical_by_construction": numbers["identical"][row][t],
             "maps": maps,
         }
         if "pearson" in numbers:
