@@ -133,18 +133,25 @@ def layers(config, model) -> None:
 @cli.command(name="eval")
 @click.argument("images", nargs=-1, required=True)
 @click.option(
-    "--masks", required=True, type=click.Path(path_type=Path), help="Folder of MASKS/<image>/<label>.png."
+    "--masks",
+    type=click.Path(path_type=Path),
+    help="Folder of MASKS/<image>/<label>.png: adds localisation and deletion/insertion.",
 )
 @config_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json here.")
+@click.option(
+    "--positions", type=int, help="Occlude this many grid positions per batch, sampled (default: all)."
+)
+@click.option("--batch-size", type=int)
 @click.option("--workers", type=int, help="Decoding processes.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-def evaluate(images, masks, config, out, workers, device) -> None:
-    """Localisation (masks) and faithfulness (deletion/insertion) of every method."""
-    if not masks.is_dir():
+def evaluate(images, masks, config, out, positions, batch_size, workers, device) -> None:
+    """Faithfulness to the model (layer occlusion) of every method; with --masks, localisation too."""
+    if masks is not None and not masks.is_dir():
         raise ConfigError(f"--masks {masks} is not a folder")
-    settings = load(config, {"explain.workers": workers, "explain.device": device})
-    run_eval(settings, list(images), masks, out)
+    overrides = {"explain.workers": workers, "explain.device": device, "explain.batch_size": batch_size}
+    settings = load(config, overrides)
+    run_eval(settings, list(images), masks, out, positions)
 
 
 def main() -> None:

@@ -128,6 +128,7 @@ class Explainer:
             layers.get_module(model, target_layer)
         self._heads: dict[tuple[int, ...], _Head] = {}
         self._occlusions: dict[tuple[int, ...], _Occlusion] = {}
+        self.occlusion_batched: bool | None = None  # the last occlusion ran as one larger batch
         self._saved = [(p, p.requires_grad) for p in model.parameters()]
         self._was_training = model.training
         for param, _ in self._saved:
@@ -217,6 +218,7 @@ class Explainer:
         for images, part in _occlusion_jobs(batch, positions, chunk):
             scores = self._occluded_scores(x[images], targets[images], part, plan)  # (b, 1 + n, T)
             delta[images][:, :, part] = (scores[:, :1] - scores[:, 1:]).transpose(1, 2)
+        self.occlusion_batched = plan.batched
         return delta.view(batch, targets.shape[1], *plan.grid)
 
     def identical_layers(self, x: Tensor, names: Sequence[str]) -> dict[str, bool | None]:
