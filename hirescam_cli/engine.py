@@ -12,6 +12,7 @@ from .methods import check_methods, compute
 
 _PROBE_SEED = 0
 CONSTANT_TOLERANCE = 1e-5  # G varying by less than this fraction of max |G| counts as constant
+NOISE_ULPS = 16  # an occlusion effect within this many float epsilons of the score is rounding: 0
 _OCCLUSION_CHUNK = {"cuda": 1024, "cpu": 256}  # occluded copies per forward, by device type
 
 # Autograd nodes that are linear in each input; for the products, in one input at a time.
@@ -200,6 +201,8 @@ class Explainer:
         larger batch, so the layers below the target run once per image (up to `chunk` copies per
         forward). Where the rest of the network cannot take a larger batch (detected once per
         input size) the input is repeated instead: the same Delta at the cost of full forwards.
+        A change within NOISE_ULPS float epsilons of the image's largest score is rounding
+        (the copies' scores are summed in different orders) and is returned as exactly 0.
         """
         self._check_input(x)
         plan = self._occlusion_plan(x)
@@ -217,7 +220,10 @@ class Explainer:
         delta = torch.full((batch, targets.shape[1], cells), float("nan"), device=x.device)
         for images, part in _occlusion_jobs(batch, positions, chunk):
             scores = self._occluded_scores(x[images], targets[images], part, plan)  # (b, 1 + n, T)
-            delta[images][:, :, part] = (scores[:, :1] - scores[:, 1:]).transpose(1, 2)
+            change = scores[:, :1] - scores[:, 1:]
+            noise = NOISE_ULPS * torch.finfo(scores.dtype).eps * scores.abs().amax(1, keepdim=True)
+            change = torch.where(change.abs() <= noise, 0.0, change)  # rounding of the score, not an effect
+            delta[images][:, :, part] = change.transpose(1, 2).float()
         self.occlusion_batched = plan.batched
         return delta.view(batch, targets.shape[1], *plan.grid)
 
@@ -242,14 +248,13 @@ class Explainer:
         handles = [layers.get_module(self.model, name).register_forward_hook(keep(name)) for name in names]
         try:
             with torch.enable_grad(), self._autocast(x.device):
-                logits = self.model(x.detach().requires_grad_())
+                score = self.model(x.detach().requires_grad_()).max(1).values.sum()
         finally:
             for handle in handles:
                 handle.remove()
         kept = list(outputs)
         found: dict[str, bool | None] = {}
         if kept:
-            score = logits.max(1).values.sum()
             grads = torch.autograd.grad(score, [outputs[n] for n in kept], allow_unused=True)
             for name, grad in zip(kept, grads, strict=True):
                 found[name] = None if grad is None else bool(constant_over_grid(grad[:, None]).all())
@@ -381,10 +386,10 @@ class Explainer:
         return logits.gather(2, targets[:, None, :].expand(-1, copies, -1))
 
     def _occluded_logits(self, x: Tensor, replace) -> Tensor:
-        """float32 logits of x with the target's output mapped through `replace`, in inference mode."""
+        """Logits of x with the target's output mapped through `replace`, in inference mode."""
         with torch.inference_mode(), self._autocast(x.device):
             logits, _ = self._run_with(x, replace)
-        return logits.float()
+        return logits
 
     def _head(self, x: Tensor, logits: Tensor) -> _Head:
         """Decide once per input shape whether logits are affine in the target's output.

@@ -45,3 +45,17 @@ class _Slow(nn.Module):
 def slow_net() -> nn.Module:
     """tiny_net that takes at least 0.2 s per batch."""
     return _Slow(tiny_net(), 0.2)
+
+
+def gap_net() -> nn.Module:
+    """tiny_net's features, then global average pooling + linear: HiResCAM == Grad-CAM at "3"."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
