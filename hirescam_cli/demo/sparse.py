@@ -34,7 +34,9 @@ def features_of(model: DemoNet, images: torch.Tensor, batch: int = 250) -> torch
     return torch.cat([model.features(normalise(images[i : i + batch])) for i in range(0, len(images), batch)])
 
 
-def fit_head(features: torch.Tensor, targets: torch.Tensor, start: nn.Linear, steps: int, seed: int) -> nn.Linear:
+def fit_head(
+    features: torch.Tensor, targets: torch.Tensor, start: nn.Linear, steps: int, seed: int
+) -> nn.Linear:
     """Fit a linear head on the checkerboard positions only (BCE, full batch, AdamW)."""
     torch.manual_seed(seed)
     keep = read_positions(features.shape[-1]).expand(features.shape[1], -1, -1).flatten()
