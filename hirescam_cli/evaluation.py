@@ -94,7 +94,7 @@ def run_eval(
     device = pick_device(config.explain.device)
     model = loaded.module.to(device)
     preprocess = make_preprocess(config.preprocess, loaded.transforms)
-    choose = selection(config, loaded.labels)
+    choose = selection(config, loaded.labels) if masks is None else {}
     items = discover(images)
     dataset = ImageDataset(items, preprocess, config.preprocess.max_pixels)
     batch_size = config.explain.batch_size or default_batch_size(device)
