@@ -207,7 +207,8 @@ class Explainer:
         self._check_input(x)
         plan = self._occlusion_plan(x)
         batch, cells = x.shape[0], plan.grid[0] * plan.grid[1]
-        targets, _ = _targets(x.new_zeros(batch, plan.classes), 1, classes, None)
+        empty = isinstance(classes, Tensor) and classes.ndim == 2 and classes.shape == (batch, 0)
+        targets = classes if empty else _targets(x.new_zeros(batch, plan.classes), 1, classes, None)[0]
         if positions is None:
             positions = torch.arange(cells, device=x.device)
         positions = torch.as_tensor(positions, device=x.device)
@@ -218,7 +219,7 @@ class Explainer:
             raise ValueError(f"positions must be distinct indices in 0..{cells - 1}")
         chunk = chunk or _OCCLUSION_CHUNK.get(x.device.type, _OCCLUSION_CHUNK["cpu"])
         delta = torch.full((batch, targets.shape[1], cells), float("nan"), device=x.device)
-        for images, part in _occlusion_jobs(batch, positions, chunk):
+        for images, part in _occlusion_jobs(batch, positions, chunk) if not empty else ():
             scores = self._occluded_scores(x[images], targets[images], part, plan)  # (b, 1 + n, T)
             change = scores[:, :1] - scores[:, 1:]
             noise = NOISE_ULPS * torch.finfo(scores.dtype).eps * scores.abs().amax(1, keepdim=True)

@@ -130,6 +130,8 @@ def run_eval(
                     result = explainer(x, methods=tuple(METHODS), classes=classes.clamp_min(0).to(device))
                     valid = (classes >= 0).to(device)
             grid = tuple(result.maps["hirescam"].shape[-2:])
+            if not valid.any():
+                continue
             sample = _sample(grid, positions, generator, device)
             delta = explainer.occlusion(x, result.classes, positions=sample)[valid]
             targets = result.classes[valid]
@@ -156,7 +158,7 @@ def run_eval(
         m: {k: torch.cat(v) if v else torch.empty(0) for k, v in metrics.items()}
         for m, metrics in values.items()
     }
-    table = {m: {k: summarise(v) for k, v in metrics.items()} for m, metrics in merged.items()}
+    table = {m: {k: _summary(v) for k, v in metrics.items()} for m, metrics in merged.items()}
     report = {
         "images": len(items),
         "model": loaded.name,
@@ -219,14 +221,27 @@ def _sample(
     return torch.randperm(cells, generator=generator)[:count].sort().values.to(device)
 
 
+def _summary(values: torch.Tensor) -> dict[str, float | int | None]:
+    """summarise(), with null for an undefined mean or interval (strict JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in summarise(values).items()}
+
+
 def _per_class(merged: dict[str, dict[str, torch.Tensor]], classes: torch.Tensor, labels) -> dict:
     """label -> method -> metric -> summary, over the pairs of each class."""
     out = {}
     for cls in classes.unique().tolist():
         rows = classes == cls
         label = labels[cls] if labels and cls < len(labels) else str(cls)
-        out[label] = {m: {k: summarise(v[rows]) for k, v in metrics.items()} for m, metrics in merged.items()}
+        out[label] = {m: {k: _summary(v[rows]) for k, v in metrics.items()} for m, metrics in merged.items()}
     return out
+
+
+def _cell(summary: dict) -> str:
+    """mean [low, high] with three decimals; n/a where undefined."""
+    mean, low, high = (
+        f"{v:.3f}" if v is not None else "n/a" for v in (summary["mean"], summary["low"], summary["high"])
+    )
+    return f"{mean} [{low}, {high}]"
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -252,10 +267,7 @@ def print_report(report: dict[str, Any]) -> None:
             "method",
             *(f"{metrics[k]['label']} {'↑' if metrics[k]['better'] == 'higher' else '↓'}" for k in keys),
         ]
-        rows = [
-            [name, *(f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]" for m in (values[k] for k in keys))]
-            for name, values in table.items()
-        ]
+        rows = [[name, *(_cell(values[k]) for k in keys)] for name, values in table.items()]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for i, row in enumerate([header, *rows]):
             print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
