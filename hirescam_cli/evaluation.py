@@ -172,7 +172,7 @@ def run_eval(
         "occlusion": {
             "grid": list(grid) if grid else None,
             "positions": grid[0] * grid[1] if grid else None,
-            "sampled": min(positions, grid[0] * grid[1]) if positions and grid else None,
+            "sampled": positions if grid and positions and positions < grid[0] * grid[1] else None,
             "batched": explainer.occlusion_batched,
             "unused_fraction": UNUSED_FRACTION,
             "top_fraction": TOP_FRACTION,
