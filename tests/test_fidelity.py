@@ -1,6 +1,7 @@
 """Layer-occlusion fidelity and identical-by-construction, on models whose used locations are known."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hirescam_cli import Explainer
 from hirescam_cli.engine import constant_over_grid, occluded_copies
 from hirescam_cli.metrics import fidelity, rank_correlation
 
-SAMPLES = "sample_images"
+SAMPLES = Path(__file__).parent.parent / "sample_images"
 
 
 def planted_head(used: list[torch.Tensor]) -> nn.Module:
@@ -226,7 +227,7 @@ def test_eval_samples_positions_when_asked(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     for name in ("sample_00.png", "sample_01.png"):
-        (images / name).write_bytes((__import__("pathlib").Path(SAMPLES) / name).read_bytes())
+        (images / name).write_bytes((SAMPLES / name).read_bytes())
     code, _, err = run(["eval", images, "-o", tmp_path / "out", "--positions", "8"], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
@@ -256,3 +257,20 @@ def test_planted_conv_model_gradcam_puts_mass_where_the_model_does_not_look():
     assert (hires["unused_mass"] <= grad["unused_mass"]).all()
     assert grad["unused_mass"].mean() > 0.3
     assert (grad["rank_correlation"] < hires["rank_correlation"]).all()
+
+
+def test_sparse_demo_model_reads_half_the_grid_and_gradcam_puts_mass_on_the_rest(tmp_path, capsys):
+    from hirescam_cli.demo.sparse import load_sparse_model, read_positions
+
+    weights = load_sparse_model().head[1].weight.view(5, 64, 8, 8)
+    assert (weights[:, :, ~read_positions()] == 0).all()
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("sample_00.png", "sample_01.png", "sample_02.png"):
+        (images / name).write_bytes((SAMPLES / name).read_bytes())
+    config = Path(__file__).parent.parent / "configs" / "demo_sparse.toml"
+    code, _, err = run(["eval", images, "-c", config, "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    methods = json.loads((tmp_path / "out" / "eval.json").read_text())["methods"]
+    assert methods["hirescam"]["unused_mass"]["mean"] < 0.01
+    assert methods["gradcam"]["unused_mass"]["mean"] > 0.3
