@@ -233,7 +233,8 @@ class Explainer:
 
         One forward keeps every named layer's output in the graph and one gradient of the top-1
         scores reaches them all. None for a layer that outputs no map or that the score does not
-        depend on. Name layers that run once per forward.
+        depend on (all None when the model does not return (B, C) logits). Name layers that run
+        once per forward.
         """
         outputs: dict[str, Tensor] = {}
 
@@ -249,13 +250,16 @@ class Explainer:
         handles = [layers.get_module(self.model, name).register_forward_hook(keep(name)) for name in names]
         try:
             with torch.enable_grad(), self._autocast(x.device):
-                score = self.model(x.detach().requires_grad_()).max(1).values.sum()
+                logits = self.model(x.detach().requires_grad_())
+                score = (
+                    logits.max(1).values.sum() if isinstance(logits, Tensor) and logits.ndim == 2 else None
+                )
         finally:
             for handle in handles:
                 handle.remove()
         kept = list(outputs)
         found: dict[str, bool | None] = {}
-        if kept:
+        if kept and score is not None and score.requires_grad:
             grads = torch.autograd.grad(score, [outputs[n] for n in kept], allow_unused=True)
             for name, grad in zip(kept, grads, strict=True):
                 found[name] = None if grad is None else bool(constant_over_grid(grad[:, None]).all())
