@@ -9,6 +9,7 @@ import torch
 from . import __version__
 from .config import ConfigError, load
 from .discovery import InputError
+from .engine import Explainer
 from .evaluation import run_eval
 from .layers import choose_auto, probe_input, trace_layers
 from .layouts import layout_spec
@@ -179,7 +180,11 @@ def layers(config, model, **flags) -> None:
     except ValueError as e:
         auto = None
         click.echo(f"{loaded.name}, input {height}x{width}; 'auto' finds nothing: {e}")
-    click.echo(f"{'layer':44s} {'output shape':16s} {'layout':7s} {'grid':7s} {'prefix':>6s}  runs")
+    usable = [info for info in traced if info.layout is not None and info.calls == 1]
+    with Explainer(loaded.module) as explainer:  # one forward and one gradient for every layer
+        identical = explainer.identical_layers(probe, usable)
+    header = f"{'layer':44s} {'output shape':16s} {'layout':7s} {'grid':7s} {'prefix':>6s}  {'runs':18s}"
+    click.echo(f"{header} HiResCAM vs Grad-CAM")
     for info in traced:
         if info.layout is None and not info.ambiguous:
             continue  # not spatial at all
@@ -194,24 +199,38 @@ def layers(config, model, **flags) -> None:
         mark = "  <- auto" if info.name == auto else ""
         mark += "  <- target" if info.name == settings.model.target_layer != "auto" else ""
         shape = "x".join(map(str, info.shape[1:]))
-        click.echo(f"{info.name:44s} {shape:16s} {kind:7s} {grid:7s} {prefix:>6s}  {once}{note}{mark}")
+        maps = {True: "identical", False: "differ", None: "-"}[identical.get(info.name)]
+        row = f"{info.name:44s} {shape:16s} {kind:7s} {grid:7s} {prefix:>6s}  {once:18s} {maps}"
+        click.echo(f"{row}{note}{mark}")
+    if auto is not None and identical.get(auto):
+        click.echo(
+            "identical: the gradient is constant over the grid (a global-average-pool head), so "
+            "HiResCAM equals Grad-CAM there by construction; pick a layer marked 'differ' to see a difference"
+        )
 
 
 @cli.command(name="eval")
 @click.argument("images", nargs=-1, required=True)
 @click.option(
-    "--masks", required=True, type=click.Path(path_type=Path), help="Folder of MASKS/<image>/<label>.png."
+    "--masks",
+    type=click.Path(path_type=Path),
+    help="Folder of MASKS/<image>/<label>.png: adds localisation and deletion/insertion.",
 )
 @config_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Write eval.json and eval.html here.")
+@click.option(
+    "--positions", type=int, help="Occlude this many grid positions per batch, sampled (default: all)."
+)
+@click.option("--batch-size", type=int)
 @click.option("--workers", type=int, help="Decoding processes.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-def evaluate(images, masks, config, out, workers, device) -> None:
-    """Localisation (masks) and faithfulness (deletion/insertion) of every method."""
-    if not masks.is_dir():
+def evaluate(images, masks, config, out, positions, batch_size, workers, device) -> None:
+    """Faithfulness to the model (layer occlusion) of every method; with --masks, localisation too."""
+    if masks is not None and not masks.is_dir():
         raise ConfigError(f"--masks {masks} is not a folder")
-    settings = load(config, {"explain.workers": workers, "explain.device": device})
-    run_eval(settings, list(images), masks, out)
+    overrides = {"explain.workers": workers, "explain.device": device, "explain.batch_size": batch_size}
+    settings = load(config, overrides)
+    run_eval(settings, list(images), masks, out, positions)
 
 
 def main() -> None:

@@ -12,6 +12,9 @@ from .layouts import Layout, LayoutSpec
 from .methods import check_methods, compute
 
 _PROBE_SEED = 0
+CONSTANT_TOLERANCE = 1e-5  # G varying by less than this fraction of max |G| counts as constant
+NOISE_ULPS = 16  # an occlusion effect within this many float epsilons of the score is rounding: 0
+_OCCLUSION_CHUNK = {"cuda": 1024, "cpu": 256}  # occluded copies per forward, by device type
 
 # Autograd nodes that are linear in each input; for the products, in one input at a time.
 _LINEAR_NODES = {
@@ -80,6 +83,7 @@ class Explanation:
     target_layer: str
     layout: Layout  # how the target layer's output was read as the (K, h, w) grid
     prefix_sum: Tensor  # (B, T): HiResCAM's G*A summed over prefix tokens and channels (0: no tokens)
+    identical_by_construction: Tensor  # (B, T) bool: G constant over the grid, so HiResCAM == Grad-CAM
 
     def select(self, rows: Tensor) -> "Explanation":
         """The same explanation restricted to some of the batch's images."""
@@ -93,6 +97,7 @@ class Explanation:
             completeness_gap=self.completeness_gap[rows],
             baseline=self.baseline[rows],
             prefix_sum=self.prefix_sum[rows],
+            identical_by_construction=self.identical_by_construction[rows],
         )
 
 
@@ -102,6 +107,15 @@ class _Head:
 
     affine: bool
     baseline: Tensor  # (C,) logits at a zero activation
+
+
+@dataclass
+class _Occlusion:
+    """What occlusion needs to know about the model at one input size."""
+
+    grid: tuple[int, int]
+    classes: int
+    batched: bool | None = None  # the rest of the network takes the larger batch; None: not tried yet
 
 
 class Explainer:
@@ -126,6 +140,8 @@ class Explainer:
             layers.get_module(model, target_layer)
         self._heads: dict[tuple[int, ...], _Head] = {}
         self._layouts: dict[tuple[int, ...], Layout] = {}
+        self._occlusions: dict[tuple[int, ...], _Occlusion] = {}
+        self.occlusion_batched: bool | None = None  # the last occlusion ran as one larger batch
         self._saved = [(p, p.requires_grad) for p in model.parameters()]
         self._was_training = model.training
         for param, _ in self._saved:
@@ -185,6 +201,7 @@ class Explainer:
             target_layer=self.target_layer,
             layout=layout,
             prefix_sum=prefix_sum,
+            identical_by_construction=constant_over_grid(grid_grads),
         )
 
     def layout(self, x: Tensor) -> Layout:
@@ -202,6 +219,98 @@ class Explainer:
                 self.target_layer = layers.choose_auto(traced)
             self._layouts[key] = self._target_layout(traced)
         return self._layouts[key]
+
+    def occlusion(
+        self,
+        x: Tensor,
+        classes: int | Sequence[int] | Tensor,
+        positions: Tensor | None = None,
+        chunk: int | None = None,
+    ) -> Tensor:
+        """Layer occlusion: Delta (B, T, h, w) = s_c(A) - s_c(A with A[:, :, p] = 0), float32.
+
+        `classes` as for a call (int, list or (B, T) tensor). `positions` (flat indices into the
+        h*w grid, the same for every image) limits the occluded positions; the others are NaN.
+        The hook hands the rest of the network the activation and its occluded copies as one
+        larger batch, so the layers below the target run once per image (up to `chunk` copies per
+        forward). Where the rest of the network cannot take a larger batch (detected once per
+        input size) the input is repeated instead: the same Delta at the cost of full forwards.
+        A change within NOISE_ULPS float epsilons of the image's largest score is rounding
+        (the copies' scores are summed in different orders) and is returned as exactly 0.
+        """
+        self._check_input(x)
+        plan = self._occlusion_plan(x)
+        batch, cells = x.shape[0], plan.grid[0] * plan.grid[1]
+        empty = isinstance(classes, Tensor) and classes.ndim == 2 and classes.shape == (batch, 0)
+        targets = classes if empty else _targets(x.new_zeros(batch, plan.classes), 1, classes, None)[0]
+        if positions is None:
+            positions = torch.arange(cells, device=x.device)
+        positions = torch.as_tensor(positions, device=x.device)
+        if positions.ndim != 1 or positions.is_floating_point() or len(positions) == 0:
+            raise ValueError("positions must be a non-empty 1-D tensor of flat grid indices")
+        distinct = len(positions.unique()) == len(positions)
+        if int(positions.min()) < 0 or int(positions.max()) >= cells or not distinct:
+            raise ValueError(f"positions must be distinct indices in 0..{cells - 1}")
+        chunk = chunk or _OCCLUSION_CHUNK.get(x.device.type, _OCCLUSION_CHUNK["cpu"])
+        delta = torch.full((batch, targets.shape[1], cells), float("nan"), device=x.device)
+        for images, part in _occlusion_jobs(batch, positions, chunk) if not empty else ():
+            scores = self._occluded_scores(x[images], targets[images], part, plan)  # (b, 1 + n, T)
+            change = scores[:, :1] - scores[:, 1:]
+            noise = NOISE_ULPS * torch.finfo(scores.dtype).eps * scores.abs().amax(1, keepdim=True)
+            change = torch.where(change.abs() <= noise, 0.0, change)  # rounding of the score, not an effect
+            delta[images][:, :, part] = change.transpose(1, 2).float()
+        self.occlusion_batched = plan.batched
+        return delta.view(batch, targets.shape[1], *plan.grid)
+
+    def identical_layers(self, x: Tensor, spatial: Sequence[layers.LayerInfo]) -> dict[str, bool | None]:
+        """Per layer: are HiResCAM and Grad-CAM identical by construction for x's top-1 classes?
+
+        One forward keeps every given layer's output in the graph and one gradient of the top-1
+        scores reaches them all; each is read through its layout. None for a layer the score does
+        not depend on (all None when the model does not return (B, C) logits). Give layers that
+        run once per forward.
+        """
+        outputs: dict[str, Tensor] = {}
+
+        def keep(info: layers.LayerInfo):
+            def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+                fits = isinstance(output, Tensor) and info.layout.fits(tuple(output.shape))
+                if not fits or not output.requires_grad:
+                    return None
+                outputs[info.name] = output
+                return output.clone()  # a later in-place op then rewrites the clone, not this node
+
+            return hook
+
+        by_name = {info.name: info for info in spatial}
+        modules = [(layers.get_module(self.model, info.name), info) for info in spatial]
+        handles = [module.register_forward_hook(keep(info)) for module, info in modules]
+        try:
+            with torch.enable_grad(), self._autocast(x.device):
+                logits = self.model(x.detach().requires_grad_())
+                score = (
+                    logits.max(1).values.sum() if isinstance(logits, Tensor) and logits.ndim == 2 else None
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        kept = list(outputs)
+        found: dict[str, bool | None] = {}
+        if kept and score is not None and score.requires_grad:
+            grads = torch.autograd.grad(score, [outputs[n] for n in kept], allow_unused=True)
+            for name, grad in zip(kept, grads, strict=True):
+                grid = None if grad is None else by_name[name].layout.to_map(grad)[:, None]
+                found[name] = None if grid is None else bool(constant_over_grid(grid).all())
+        return {info.name: found.get(info.name) for info in spatial}
+
+    def differing_layer(self, x: Tensor) -> str | None:
+        """The nearest layer before the target (not inside it) where HiResCAM and Grad-CAM differ for x."""
+        self._check_input(x)
+        self.layout(x)  # settles an "auto" target
+        traced = layers.trace_layers(self.model, layers.probe_input(x[:1]), self.spec)
+        earlier = layers.earlier_layers(traced, self.target_layer)
+        identical = self.identical_layers(x[:1], earlier)
+        return next((info.name for info in earlier if identical[info.name] is False), None)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -305,6 +414,49 @@ class Explainer:
         (grad,) = torch.autograd.grad(scores, leaf, seeds, is_grads_batched=True)
         return grad.movedim(0, 1)
 
+    def _occlusion_plan(self, x: Tensor) -> "_Occlusion":
+        """Grid and class count of the target at this input size, from one plain forward of x[:1]."""
+        key = tuple(x.shape[1:])
+        if key not in self._occlusions:
+            with torch.inference_mode(), self._autocast(x.device):
+                logits, _ = self._run_with(x[:1], lambda out: out)
+            self._occlusions[key] = _Occlusion(grid=self.layout(x).grid, classes=logits.shape[1])
+        return self._occlusions[key]
+
+    def _occluded_scores(self, x: Tensor, targets: Tensor, positions: Tensor, plan: "_Occlusion") -> Tensor:
+        """Scores (b, 1 + n, T) of x's targets: the layer's output intact, then zeroed at each position."""
+        copies = 1 + len(positions)
+        layout = self.layout(x)
+
+        def occlude(out: Tensor) -> Tensor:  # the layer's raw output -> its occluded copies, same layout
+            return layout.from_map(occluded_copies(layout.to_map(out), positions), out)
+
+        logits = None
+        if plan.batched is not False:
+            try:
+                logits = self._occluded_logits(x, occlude)
+            except Exception:  # any failure of the larger batch means: use the fallback
+                logits = None
+            if logits is not None and logits.shape[0] != len(x) * copies:
+                logits = None
+            if logits is not None and plan.batched is None:
+                plain = self._occluded_logits(x, lambda out: out)
+                intact = logits.view(len(x), copies, -1)[:, 0]
+                tol = (2e-2 if self.amp else 1e-3) * float(plain.abs().max()) + 1e-5
+                logits = logits if float((intact - plain).abs().max()) <= tol else None
+            plan.batched = logits is not None
+        if logits is None:  # the same copies at the same batch size: the input repeated per copy
+            repeated = x.repeat_interleave(copies, 0)
+            logits = self._occluded_logits(repeated, lambda out: occlude(out[::copies]))
+        logits = logits.view(len(x), copies, -1)
+        return logits.gather(2, targets[:, None, :].expand(-1, copies, -1))
+
+    def _occluded_logits(self, x: Tensor, replace) -> Tensor:
+        """Logits of x with the target's output mapped through `replace`, in inference mode."""
+        with torch.inference_mode(), self._autocast(x.device):
+            logits, _ = self._run_with(x, replace)
+        return logits
+
     def _head(self, x: Tensor, logits: Tensor) -> _Head:
         """Decide once per input shape whether logits are affine in the target's output.
 
@@ -338,6 +490,36 @@ class Explainer:
             float(err.abs().max()) <= tol for err in (f12 - f0 - d1 - d2, fneg - f0 + d1, f0_other - f0)
         )
         return _Head(affine=affine, baseline=f0.float())
+
+
+def occluded_copies(act_map: Tensor, positions: Tensor) -> Tensor:
+    """(B, K, h, w) -> (B * (1 + n), K, h, w), image-major: each map, then a copy of it per
+    position in `positions` (n flat grid indices) with every channel zeroed there."""
+    height, width = act_map.shape[-2:]
+    keep = torch.ones(1 + len(positions), height * width, dtype=torch.bool, device=act_map.device)
+    keep[torch.arange(1, 1 + len(positions), device=act_map.device), positions] = False
+    keep = keep.view(1, -1, 1, height, width)
+    copies = torch.where(keep, act_map[:, None], torch.zeros((), dtype=act_map.dtype, device=act_map.device))
+    return copies.flatten(0, 1)
+
+
+def constant_over_grid(grads: Tensor) -> Tensor:
+    """(B, T, K, h, w) gradients -> (B, T) bool: every channel's gradient is the same at every
+    position (to CONSTANT_TOLERANCE of max |G|), so HiResCAM equals Grad-CAM by construction."""
+    spread = grads.amax((-2, -1)) - grads.amin((-2, -1))
+    scale = grads.abs().amax((-3, -2, -1))
+    return (spread <= CONSTANT_TOLERANCE * scale[..., None]).all(-1)
+
+
+def _occlusion_jobs(batch: int, positions: Tensor, chunk: int) -> list[tuple[slice, Tensor]]:
+    """(images, positions) of each forward: as many whole images as fit `chunk` copies, or
+    one image's positions in pieces when a single image's copies do not fit."""
+    count = len(positions)
+    if count + 1 <= chunk:
+        per = chunk // (count + 1)
+        return [(slice(i, i + per), positions) for i in range(0, batch, per)]
+    piece = max(1, chunk - 1)
+    return [(slice(i, i + 1), positions[j : j + piece]) for i in range(batch) for j in range(0, count, piece)]
 
 
 def _graph_is_linear(root: object) -> bool:

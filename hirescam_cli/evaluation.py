@@ -1,4 +1,4 @@
-"""The eval run: images with ground-truth masks -> localisation and faithfulness per method."""
+"""The eval run: faithfulness to the model by layer occlusion on any folder; with masks, localisation too."""
 
 import sys
 from pathlib import Path
@@ -11,17 +11,27 @@ from PIL import Image
 from .config import Config, ConfigError
 from .data import ImageDataset, Preprocess, make_loader
 from .discovery import InputItem, discover
-from .engine import Explainer
-from .layouts import layout_spec
 from .methods import METHODS
-from .metrics import deletion_insertion, localisation, summarise
+from .metrics import TOP_FRACTION, UNUSED_FRACTION, deletion_insertion, fidelity, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir
-from .pipeline import Progress, make_preprocess, pick_device
+from .pipeline import Progress, _open_explainer, class_ids, make_preprocess, pick_device
 from .report import write_eval_page
 from .resources import choose as choose_resources
 
-METRICS = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
+FIDELITY = ("rank_correlation", "unused_mass", "missed_evidence")
+LOCALISATION = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
+METRIC_INFO = {  # name -> (label, which way is better)
+    "rank_correlation": ("rank correlation with occlusion", "higher"),
+    "unused_mass": ("mass on unused locations", "lower"),
+    "missed_evidence": ("missed evidence", "lower"),
+    "energy": ("energy in mask", "higher"),
+    "pointing": ("pointing game", "higher"),
+    "iou": ("top-20% IoU", "higher"),
+    "deletion_auc": ("deletion AUC", "lower"),
+    "insertion_auc": ("insertion AUC", "higher"),
+}
+SAMPLE_SEED = 0
 
 
 def mask_folder(masks: Path, item: InputItem) -> Path:
@@ -59,60 +69,126 @@ def to_input_space(masks: list[np.ndarray], preprocess: Preprocess) -> torch.Ten
     )
 
 
-def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -> dict[str, Any]:
-    """Score every method on every present class of every image; print the table, write JSON to OUT."""
+def selection(config: Config, labels: list[str] | None) -> dict[str, Any]:
+    """The explainer's class selection from [explain]: threshold, classes or top_k."""
+    explain = config.explain
+    if explain.threshold is not None:
+        if not config.model.multilabel:
+            raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
+        return {"threshold": explain.threshold}
+    classes = class_ids(explain.classes, labels)
+    return {"classes": classes} if classes is not None else {"top_k": explain.top_k}
+
+
+def run_eval(
+    config: Config, images: list[str], masks: Path | None, out: Path | None, positions: int | None = None
+) -> dict[str, Any]:
+    """Score every method on every explained class of every image; print the tables, write JSON to OUT.
+
+    Without masks the classes come from [explain] and only the occlusion fidelity is measured; with
+    masks they are the classes that have a mask, and localisation and deletion/insertion are added.
+    `positions` occludes that many grid positions per batch, drawn at random, instead of all.
+    """
     loaded = load_model(config.model)
-    if not loaded.labels:
+    if masks is not None and not loaded.labels:
         raise ConfigError("eval matches masks to classes by label: set model.labels")
+    if positions is not None and positions < 1:
+        raise ConfigError(f"--positions must be at least 1; got {positions}")
     device = pick_device(config.explain.device)
     model = loaded.module.to(device)
     preprocess = make_preprocess(config.preprocess, loaded.transforms)
+    choose = selection(config, loaded.labels) if masks is None else {}
     items = discover(images)
     dataset = ImageDataset(items, preprocess, config.preprocess.max_pixels)
     resources = choose_resources(device, config.explain.workers, config.explain.batch_size)
     torch.set_num_threads(resources.threads)
     loader = make_loader(dataset, resources.batch_size, resources.workers)
     score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
-    values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in METRICS} for m in METHODS}
+    names = FIDELITY + (LOCALISATION if masks is not None else ())
+    values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in names} for m in METHODS}
+    curves: dict[str, dict[str, list[torch.Tensor]]] = {m: {"deletion": [], "insertion": []} for m in METHODS}
+    pair_classes: list[torch.Tensor] = []
+    identical: list[torch.Tensor] = []
     problems: list[str] = []
+    generator = torch.Generator().manual_seed(SAMPLE_SEED)
+    grid = None
     progress = Progress(len(items), quiet=False)
-    with Explainer(model, config.model.target_layer, layout=layout_spec(config.model)) as explainer:
+    explainer = _open_explainer(model, config, preprocess, device, choose.get("classes"))
+    with explainer, torch.no_grad():
         for batch in loader:
             progress.update(len(batch.indices) + len(batch.failed), len(batch.failed))
             problems += [f"{items[i].shown}: {error}" for i, error in batch.failed]
-            rows, classes, truth = [], [], []
-            for row, index in enumerate(batch.indices):
-                size = tuple(batch.images[row].shape[1:])
-                for cls, mask in load_masks(masks, items[index], loaded.labels, size, problems).items():
-                    rows.append(row)
-                    classes.append(cls)
-                    truth.append(mask)
-            if not rows:
+            if not batch.indices:
                 continue
-            x = batch.inputs.to(device)[rows]
-            targets = torch.tensor(classes, device=device)
-            result = explainer(x, methods=tuple(METHODS), classes=targets[:, None])
-            truth_input = to_input_space(truth, preprocess).to(device)
+            x = batch.inputs.to(device)
+            truth = None
+            with torch.enable_grad():
+                if masks is None:
+                    result = explainer(x, methods=tuple(METHODS), **choose)
+                    valid = result.valid
+                else:
+                    rows, classes, truth = _mask_targets(masks, batch, items, loaded.labels, problems)
+                    if not rows:
+                        continue
+                    x = x[rows]
+                    result = explainer(x, methods=tuple(METHODS), classes=classes.clamp_min(0).to(device))
+                    valid = (classes >= 0).to(device)
+            grid = tuple(result.maps["hirescam"].shape[-2:])
+            if not valid.any():
+                continue
+            sample = _sample(grid, positions, generator, device)
+            delta = explainer.occlusion(x, result.classes, positions=sample)[valid]
+            targets = result.classes[valid]
+            image_of = torch.arange(len(x), device=device)[:, None].expand_as(valid)[valid]
+            pair_classes.append(targets.cpu())
+            identical.append(result.identical_by_construction[valid].cpu())
+            truth_input = to_input_space(truth, preprocess).to(device) if truth else None
             for name, maps in result.maps.items():
-                maps = maps[:, 0]
+                maps = maps[valid]
+                for key, value in fidelity(maps, delta).items():
+                    values[name][key].append(value.cpu())
+                if truth_input is None:
+                    continue
                 for key, value in localisation(maps, truth_input).items():
                     values[name][key].append(value.cpu())
-                curves = deletion_insertion(model, x, targets, maps, score_fn=score_fn)
-                values[name]["deletion_auc"].append(curves["deletion_auc"].cpu())
-                values[name]["insertion_auc"].append(curves["insertion_auc"].cpu())
+                runs = deletion_insertion(model, x[image_of], targets, maps, score_fn=score_fn)
+                for key in ("deletion", "insertion"):
+                    values[name][f"{key}_auc"].append(runs[f"{key}_auc"].cpu())
+                    curves[name][key].append(runs[key].cpu())
     progress.close()
-    table = {
-        name: {k: summarise(torch.cat(v)) if v else summarise(torch.empty(0)) for k, v in metrics.items()}
-        for name, metrics in values.items()
+    classes = torch.cat(pair_classes) if pair_classes else torch.empty(0, dtype=torch.long)
+    flags = torch.cat(identical) if identical else torch.empty(0, dtype=torch.bool)
+    merged = {
+        m: {k: torch.cat(v) if v else torch.empty(0) for k, v in metrics.items()}
+        for m, metrics in values.items()
     }
+    table = {m: {k: _summary(v) for k, v in metrics.items()} for m, metrics in merged.items()}
     report = {
         "images": len(items),
         "model": loaded.name,
         "target_layer": explainer.target_layer,
+        "pairs": len(classes),
+        "masks": masks is not None,
         "methods": table,
+        "metrics": {k: {"label": METRIC_INFO[k][0], "better": METRIC_INFO[k][1]} for k in names},
+        "per_class": _per_class(merged, classes, loaded.labels),
+        "identical_by_construction": bool(flags.all()) if len(flags) else None,
+        "occlusion": {
+            "grid": list(grid) if grid else None,
+            "positions": grid[0] * grid[1] if grid else None,
+            "sampled": positions if grid and positions and positions < grid[0] * grid[1] else None,
+            "batched": explainer.occlusion_batched,
+            "unused_fraction": UNUSED_FRACTION,
+            "top_fraction": TOP_FRACTION,
+        },
     }
+    if masks is not None:
+        report["curves"] = {
+            m: {k: torch.cat(c).mean(0).tolist() if c else [] for k, c in parts.items()}
+            for m, parts in curves.items()
+        }
     report["problems"] = problems
-    print_table(table, len(items))
+    print_report(report)
     for problem in problems[:20]:
         print(f"hirescam: eval: {problem}", file=sys.stderr)
     if out is not None:
@@ -123,24 +199,82 @@ def run_eval(config: Config, images: list[str], masks: Path, out: Path | None) -
     return report
 
 
-def print_table(table: dict[str, dict[str, dict]], images: int) -> None:
-    """Mean [95% interval] per method and metric, as a Markdown table on stdout."""
-    n = next(iter(table.values()))["energy"]["n"]
-    print(f"{images} images, {n} (image, class) pairs; mean [95% bootstrap interval]\n")
-    header = [
-        "method",
-        "energy in mask ↑",
-        "pointing game ↑",
-        "top-20% IoU ↑",
-        "deletion AUC ↓",
-        "insertion AUC ↑",
-    ]
-    rows = [
-        [name, *(f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]" for m in (metrics[k] for k in METRICS))]
-        for name, metrics in table.items()
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+def _mask_targets(masks: Path, batch, items: list[InputItem], labels: list[str], problems: list[str]):
+    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order."""
+    rows, per_row, truth = [], [], []
+    for row, index in enumerate(batch.indices):
+        size = tuple(batch.images[row].shape[1:])
+        found = load_masks(masks, items[index], labels, size, problems)
+        if found:
+            rows.append(row)
+            per_row.append(list(found))
+            truth += list(found.values())
+    count = max((len(c) for c in per_row), default=0)
+    classes = torch.full((len(rows), count), -1, dtype=torch.long)
+    for row, found in enumerate(per_row):
+        classes[row, : len(found)] = torch.tensor(found)
+    return rows, classes, truth
+
+
+def _sample(
+    grid: tuple[int, int], count: int | None, generator: torch.Generator, device
+) -> torch.Tensor | None:
+    """`count` distinct grid positions drawn at random (sorted), or None for all of them."""
+    cells = grid[0] * grid[1]
+    if count is None or count >= cells:
+        return None
+    return torch.randperm(cells, generator=generator)[:count].sort().values.to(device)
+
+
+def _summary(values: torch.Tensor) -> dict[str, float | int | None]:
+    """summarise(), with null for an undefined mean or interval (strict JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in summarise(values).items()}
+
+
+def _per_class(merged: dict[str, dict[str, torch.Tensor]], classes: torch.Tensor, labels) -> dict:
+    """label -> method -> metric -> summary, over the pairs of each class."""
+    out = {}
+    for cls in classes.unique().tolist():
+        rows = classes == cls
+        label = labels[cls] if labels and cls < len(labels) else str(cls)
+        out[label] = {m: {k: _summary(v[rows]) for k, v in metrics.items()} for m, metrics in merged.items()}
+    return out
+
+
+def _cell(summary: dict) -> str:
+    """mean [low, high] with three decimals; n/a where undefined."""
+    mean, low, high = (
+        f"{v:.3f}" if v is not None else "n/a" for v in (summary["mean"], summary["low"], summary["high"])
+    )
+    return f"{mean} [{low}, {high}]"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The fidelity table, and with masks the localisation table, as Markdown on stdout."""
+    table, metrics = report["methods"], report["metrics"]
+    occlusion = report["occlusion"]
+    sampled = f"{occlusion['sampled']} sampled of " if occlusion["sampled"] else ""
+    print(
+        f"{report['images']} images, {report['pairs']} (image, class) pairs, layer {report['target_layer']} "
+        f"({sampled}{occlusion['positions']} positions); mean [95% bootstrap interval]"
+    )
+    if report["identical_by_construction"]:
+        print(
+            "HiResCAM and Grad-CAM are identical by construction at this layer (gradient constant over "
+            "the grid for every pair)"
+        )
+    groups = [("Faithfulness to the model (layer occlusion)", FIDELITY)]
+    if report["masks"]:
+        groups.append(("Localisation (masks) and pixel deletion / insertion", LOCALISATION))
+    for title, keys in groups:
+        print(f"\n{title}\n")
+        header = [
+            "method",
+            *(f"{metrics[k]['label']} {'↑' if metrics[k]['better'] == 'higher' else '↓'}" for k in keys),
+        ]
+        rows = [[name, *(_cell(values[k]) for k in keys)] for name, values in table.items()]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for i, row in enumerate([header, *rows]):
+            print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
+            if i == 0:
+                print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

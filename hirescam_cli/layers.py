@@ -211,3 +211,14 @@ def enclosing_once(layers: list[LayerInfo], name: str) -> str | None:
         if info is not None and info.calls == 1 and info.layout is not None:
             return name
     return None
+
+
+def earlier_layers(layers: list[LayerInfo], target: str) -> list[LayerInfo]:
+    """Spatial layers that run once and finish before `target` starts (not inside it), nearest first."""
+    names = [info.name for info in layers]
+    before = layers[: names.index(target)] if target in names else []
+    return [
+        info
+        for info in reversed(before)
+        if info.layout is not None and info.calls == 1 and not info.name.startswith(target + ".")
+    ]

@@ -14,6 +14,7 @@ from torch import nn
 
 TOP_FRACTION = 0.2
 BOOTSTRAP_SAMPLES = 2000
+UNUSED_FRACTION = 0.01  # |Delta(p)| at most this fraction of max |Delta| counts as "not used"
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -103,6 +104,60 @@ def deletion_insertion(
         "insertion": insertion_curve,
         "deletion_auc": torch.trapezoid(deletion_curve, fractions, dim=1),
         "insertion_auc": torch.trapezoid(insertion_curve, fractions, dim=1),
+    }
+
+
+def average_ranks(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Ranks 0.. of each row's valid entries among themselves, ties sharing their mean rank."""
+    keyed = torch.where(valid, values.double(), float("inf"))  # invalid entries sort last
+    ordered = keyed.sort(dim=-1).values
+    low = torch.searchsorted(ordered, keyed, right=False)
+    high = torch.searchsorted(ordered, keyed, right=True) - 1
+    return (low + high).double() / 2
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each row of a and b (N, P) over its valid entries; NaN when either
+    is constant there."""
+    ranks_a, ranks_b = average_ranks(a, valid), average_ranks(b, valid)
+    weight = valid.double()
+    count = weight.sum(-1, keepdim=True)
+    ranks_a = (ranks_a - (ranks_a * weight).sum(-1, keepdim=True) / count) * weight
+    ranks_b = (ranks_b - (ranks_b * weight).sum(-1, keepdim=True) / count) * weight
+    return (ranks_a * ranks_b).sum(-1) / (ranks_a.norm(dim=-1) * ranks_b.norm(dim=-1))
+
+
+def fidelity(
+    maps: torch.Tensor,
+    delta: torch.Tensor,
+    unused_fraction: float = UNUSED_FRACTION,
+    top_fraction: float = TOP_FRACTION,
+) -> dict[str, torch.Tensor]:
+    """Faithfulness of raw maps (N, h, w) to the layer-occlusion effect Delta (N, h, w), each (N,).
+
+    Delta's NaN entries (positions not occluded) are left out of every sum.
+    rank_correlation: Spearman correlation of the map and Delta over the grid.
+    unused_mass: share of the map's positive mass on positions whose removal does not change the
+      score (|Delta| <= unused_fraction * max |Delta|); 0 for a map with no positive mass.
+    missed_evidence: share of the positive Delta outside the map's top round(top_fraction * h * w)
+      positions (ties broken by position); NaN when no removal lowers the score.
+    """
+    maps, delta = maps.flatten(1).double(), delta.to(maps.device).flatten(1).double()
+    measured = ~delta.isnan()
+    effect = torch.where(measured, delta, 0.0)
+    unused = measured & (effect.abs() <= unused_fraction * effect.abs().amax(1, keepdim=True))
+    positive = torch.where(measured, maps.clamp_min(0), 0.0)
+    total = positive.sum(1)
+    unused_mass = torch.where(total > 0, (positive * unused).sum(1) / total.clamp_min(1e-300), 0.0)
+    k = max(1, round(top_fraction * maps.shape[1]))
+    order = maps.argsort(dim=1, descending=True, stable=True)[:, :k]
+    top = torch.zeros_like(measured).scatter_(1, order, True)
+    evidence = effect.clamp_min(0)
+    missed = (evidence * ~top).sum(1) / evidence.sum(1)  # NaN (0/0) when nothing is positive
+    return {
+        "rank_correlation": rank_correlation(maps, effect, measured).float(),
+        "unused_mass": unused_mass.float(),
+        "missed_evidence": missed.float(),
     }
 
 

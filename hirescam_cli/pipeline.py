@@ -344,6 +344,7 @@ class ExplainRun:
         self.layer, self.guarantee = self.explainer.target_layer, None
         blank = torch.zeros((1, 3, *self.preprocess.input_size), device=self.device)
         self.layout = self.explainer.layout(blank).to_dict()  # decided when the explainer was opened
+        self.identical: bool | None = None  # every explained target so far identical by construction
 
     def _begin(self, wait: bool) -> str:
         """Rank 0, before anyone writes: take OUT's lock, clear what dead runs left; returns a job name."""
@@ -407,11 +408,29 @@ class ExplainRun:
             x[slots] = batch.inputs.to(self.device, non_blocking=True)
             result = _explain(self.explainer, x, self.config, self.classes).select(slots)
             self.guarantee = result.guarantee
+            self._note_identical(x[slots[:1]], result)
             pictures = renderer(result, batch)
             records |= _submit(
                 writers, self.out, batch, result, pictures, items, self.loaded, self.config, self.fingerprint
             )
         return records
+
+    def _note_identical(self, x: torch.Tensor, result: Explanation) -> None:
+        """Track whether HiResCAM == Grad-CAM by construction; say so once, with a layer where they differ."""
+        flags = result.identical_by_construction[result.valid]
+        if not len(flags):
+            return
+        identical = bool(flags.all()) and self.identical is not False
+        if identical and self.identical is None:
+            earlier = self.explainer.differing_layer(x)
+            hint = "no earlier layer differs"
+            if earlier:
+                hint = f"they differ at {earlier!r} (--target-layer {earlier})"
+            self.say(
+                f"note: HiResCAM and Grad-CAM are identical by construction at {self.layer!r} (its gradient "
+                f"is constant over the grid, as behind a global-average-pool head); {hint}"
+            )
+        self.identical = identical
 
     def _drain(self, limit: int) -> None:
         """Log finished records in input order until at most `limit` are pending."""
@@ -507,6 +526,7 @@ class ExplainRun:
             "target_layer": self.layer,
             "layout": self.layout,
             "guarantee": self.guarantee,
+            "identical_by_construction": self.identical,
             "device": str(self.device),
             "versions": {
                 "python": platform.python_version(),

@@ -62,6 +62,7 @@ def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[
         "valid": result.valid,
         "gap": result.completeness_gap,
         "prefix_sum": result.prefix_sum,
+        "identical": result.identical_by_construction,
     }
     for name, maps in result.maps.items():
         numbers[f"{name}.min"] = maps.amin((-2, -1))
@@ -114,6 +115,7 @@ def image_summary(
             "completeness_gap": _g(numbers["gap"][row][t]),
             "hirescam_prefix_sum": _g(numbers["prefix_sum"][row][t]),
             "guarantee": guarantee,
+            "identical_by_construction": numbers["identical"][row][t],
             "maps": maps,
         }
         if "pearson" in numbers:

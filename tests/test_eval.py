@@ -46,10 +46,16 @@ def test_eval_on_a_tiny_set_reports_every_method_and_bad_masks(tmp_path, capsys)
         "layercam",
         "gradcam-elementwise",
     }
+    localisation = {"energy", "pointing", "iou", "deletion_auc", "insertion_auc"}
+    fidelity = {"rank_correlation", "unused_mass", "missed_evidence"}
+    assert set(report["metrics"]) == localisation | fidelity
     for metrics in report["methods"].values():
-        assert set(metrics) == {"energy", "pointing", "iou", "deletion_auc", "insertion_auc"}
-        assert all(m["n"] == pairs for m in metrics.values())
-        assert all(0 <= m["mean"] <= 1 for m in metrics.values())
+        assert set(metrics) == localisation | fidelity
+        assert all(m["n"] == pairs for name, m in metrics.items() if name != "missed_evidence")
+        assert all(-1 <= m["mean"] <= 1 for m in metrics.values())
+    assert set(report["curves"]) == set(report["methods"])
+    assert all(len(c["deletion"]) == len(c["insertion"]) == 17 for c in report["curves"].values())
+    assert set(report["per_class"]) <= {"circle", "square", "triangle", "star", "cross"}
     assert any("mask is 7x7" in p for p in report["problems"])
     assert "mask is 7x7" in err
     assert "| hirescam " in out and "| gradcam " in out

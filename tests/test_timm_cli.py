@@ -147,13 +147,17 @@ def test_explain_a_multilabel_timm_vit_from_a_pt_checkpoint_threshold_and_signed
 
 
 TINY = '[model]\nfactory = "tiny_models:{}"\n[preprocess]\nresize = [32, 32]\n'
-LINE = re.compile(r"^(\S+)\s+(\d+(?:x\d+)*)\s+(\S+)\s+(\S+)\s+(\S+)\s+(once|\dx)")
+LINE = re.compile(
+    r"^(\S+)\s+(\d+(?:x\d+)*)\s+(\S+)\s+(\S+)\s+(\S+)\s+(once|\dx \(not usable\))\s+(identical|differ|-)"
+)
 
 
 def listed(out: str) -> dict[str, tuple[str, ...]]:
-    """name -> (shape, layout, grid, prefix, runs) of every line of `hirescam layers`."""
+    """name -> (shape, layout, grid, prefix, runs, HiResCAM vs Grad-CAM) of each layer `layers` lists."""
     rows = {}
     for line in out.splitlines()[2:]:
+        if line.startswith("identical: "):  # the closing note when auto's pick is identical
+            break
         match = LINE.match(line)
         assert match, line
         rows[match[1]] = match.groups()[1:]
@@ -166,7 +170,7 @@ def test_layers_shows_the_right_layout_for_every_token_layer(capsys):
     assert out.startswith("timm:test_vit, input 160x160; 'auto' picks blocks.5.norm1")
     rows = listed(out)
     assert "blocks.5.norm1" in rows and "blocks.5" in rows and "patch_embed.proj" in rows
-    for name, (shape, kind, grid, prefix, _runs) in rows.items():
+    for name, (shape, kind, grid, prefix, _runs, _maps) in rows.items():
         dims = tuple(map(int, shape.split("x")))
         if name == "patch_embed.proj":
             assert (kind, grid, prefix) == ("nchw", "10x10", "0")
@@ -184,7 +188,10 @@ def test_layers_shows_the_right_layout_for_every_channels_last_layer(tmp_path, c
     assert code == 0, err
     assert "input 32x32; 'auto' picks permute" in out
     rows = listed(out)
-    for name, (shape, kind, grid, prefix, _runs) in rows.items():
+    assert rows["permute"][-1] == "identical"  # global average pool + linear after it
+    assert out.rstrip().splitlines()[-1].startswith("identical: the gradient is constant over the grid")
+    assert rows["features.0"][-1] == "differ"  # a windowed attention stage still to come
+    for name, (shape, kind, grid, prefix, _runs, _maps) in rows.items():
         a, b, c = map(int, shape.split("x"))
         channels_last = a == b != c  # (h, w, K); channels-first ones are (K, h, h)
         expected = ("nhwc", f"{a}x{b}") if channels_last else ("nchw", f"{b}x{c}")

@@ -92,3 +92,17 @@ def tiny_swin() -> nn.Module:
     return torchvision.models.SwinTransformer(
         patch_size=[4, 4], embed_dim=12, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=3
     )
+
+
+def gap_net() -> nn.Module:
+    """tiny_net's features, then global average pooling + linear: HiResCAM == Grad-CAM at "3"."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
