@@ -9,10 +9,10 @@ machine's load hits all of them alike; the table reports the median over rounds.
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
+from timing import timed
 
 from hirescam_cli import METHODS, Explainer
 
@@ -21,17 +21,6 @@ VARIANTS = {
     "all six methods top-1": (tuple(METHODS), 1),
     "hirescam+gradcam top-5": (("hirescam", "gradcam"), 5),
 }
-
-
-def timed(fn, device: torch.device) -> float:
-    """Wall seconds of one call, synchronised on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:

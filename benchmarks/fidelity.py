@@ -9,24 +9,13 @@ most (grid positions / 16) forwards per image: the occluded copies share one pas
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
+from timing import timed
 
 from hirescam_cli import METHODS, Explainer
 from hirescam_cli.metrics import fidelity
-
-
-def timed(fn, device: torch.device) -> float:
-    """Wall seconds of one call, synchronised on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def bench(arch: str, layer: str, batch: int, rounds: int, device: torch.device) -> None:

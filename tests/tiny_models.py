@@ -4,17 +4,15 @@ import torch
 from torch import nn
 
 
+def _features() -> list[nn.Module]:
+    """Conv features to a 4-channel 8x8 map for 16x16 inputs (seeded)."""
+    torch.manual_seed(0)
+    return [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()]
+
+
 def tiny_net() -> nn.Module:
     """Conv features to an 8x8 map (for 16x16 inputs), then flatten + linear: HiResCAM's guarantee holds."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 3),
-    )
+    return nn.Sequential(*_features(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
 
 
 def corner_net() -> nn.Module:
@@ -96,13 +94,4 @@ def tiny_swin() -> nn.Module:
 
 def gap_net() -> nn.Module:
     """tiny_net's features, then global average pooling + linear: HiResCAM == Grad-CAM at "3"."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    )
+    return nn.Sequential(*_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
