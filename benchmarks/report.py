@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="build the synthetic OUT in this (new) folder and keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
-        work = args.keep or Path(temp)
+        work = args.keep or Path(temp) / "work"
         work.mkdir(parents=True, exist_ok=False)
         out = synthetic_out(base_run(work, args.side), work, args.images)
         pictures = sorted(p for p in out.rglob("*.png") if p.is_file())

@@ -421,7 +421,7 @@ class ExplainRun:
         if not len(flags):
             return
         identical = bool(flags.all()) and self.identical is not False
-        if identical and self.identical is None:
+        if identical and self.identical is None and not self.quiet:  # searching costs a forward + a gradient
             earlier = self.explainer.differing_layer(x)
             hint = "no earlier layer differs"
             if earlier:

@@ -323,10 +323,10 @@ def test_ranks_take_disjoint_batches_that_keep_every_slot(count, world):
 def test_defaults_follow_the_usable_cores_and_the_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
-    assert resources.choose(cpu, None, None) == resources.Resources(2, 0, 0, 2, 8)
-    assert resources.choose(cpu, 2, 5) == resources.Resources(2, 2, 0, 1, 5)  # set values stay
+    assert resources.choose(cpu, None, None) == resources.Resources(2, 2, 0, 2, 8)
+    assert resources.choose(cpu, 2, 5) == resources.Resources(2, 2, 0, 2, 5)  # set values stay
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert resources.choose(cpu, None, None) == resources.Resources(16, 4, 0, 12, 8)
+    assert resources.choose(cpu, None, None) == resources.Resources(16, 4, 0, 16, 8)
     assert resources.choose(cuda, None, None) == resources.Resources(16, 8, 5, 8, 32)
     assert resources.choose(cuda, None, None, processes_on_node=8) == resources.Resources(2, 1, 1, 1, 32)
 
