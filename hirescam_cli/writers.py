@@ -41,8 +41,9 @@ class Writers:
             # the loader's threads start; spawn where fork does not exist.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             resource_tracker.ensure_running()  # one tracker for the run's segments, shared with the writers
+            context = multiprocessing.get_context(method)
             self.pool: Executor = ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint
+                processes, mp_context=context, initializer=_leave_signals_to_the_run
             )
             self.pool.submit(int).result()
         else:
@@ -119,6 +120,8 @@ def _write_shared(outdir: OutputDir, job: ImageJob, shared: dict) -> None:
     _write_own(outdir, job, pictures)
 
 
-def _ignore_sigint() -> None:
-    """Writer processes leave Ctrl-C to the run, which stops at a batch boundary and waits for them."""
+def _leave_signals_to_the_run() -> None:
+    """Writer processes leave Ctrl-C and SIGTERM (a scheduler stopping the whole job) to the run, which
+    stops at a batch boundary and waits for them, as the decoding workers do."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

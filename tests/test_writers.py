@@ -1,7 +1,10 @@
 """Output writers: the process pool used on GPUs writes exactly what the thread pool writes."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,23 @@ def test_a_write_error_in_a_writer_process_comes_back_as_an_error(tmp_path):
     finally:
         writers.shutdown()
     assert not (tmp_path / "escape.png").exists()
+
+
+def test_writer_processes_leave_sigterm_to_the_run(tmp_path):
+    """A scheduler's SIGTERM to the whole job must not kill the writers under the run's feet."""
+    outdir = OutputDir(tmp_path / "out")
+    summary = {"width": 4, "height": 3, "targets": [{"maps": {"hirescam": {"png": "k/h.png"}}}]}
+    writers = Writers(processes=2)
+    try:
+        for pid in writers.pool._processes:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.2)
+        pictures = {"hirescam": np.zeros((1, 1, 3, 4, 3), np.uint8)}
+        (future,) = writers.submit(outdir, pictures, [ImageJob("k", summary, 0, [0], None)])
+        future.result(timeout=60)
+    finally:
+        writers.shutdown()
+    assert (tmp_path / "out/k/h.png").exists()
 
 
 SHARED_MEMORY_RUN = """
