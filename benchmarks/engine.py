@@ -8,11 +8,10 @@ machine's load hits all of them alike; the table reports the median over rounds.
 """
 
 import argparse
-import statistics
 
 import torch
 import torchvision
-from timing import timed
+from timing import interleaved
 
 from hirescam_cli import METHODS, Explainer
 
@@ -36,18 +35,12 @@ def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
         calls = {"plain inference forward": plain}
         for name, (methods, k) in VARIANTS.items():
             calls[name] = lambda m=methods, k=k: explainer(x, methods=m, top_k=k)
-        for fn in calls.values():  # warm up, and let the Explainer probe its head once
-            fn()
-        times = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, fn in calls.items():
-                times[name].append(timed(fn, device) / batch)
+        times = interleaved(calls, rounds, device, batch)
         layer, layout = explainer.target_layer, explainer.layout(x)
-    base = statistics.median(times["plain inference forward"])
+    base = times["plain inference forward"]
     print(f"\n{arch} (target layer {layer}, {layout}, batch {batch}, {device}, median of {rounds})")
     print(f"{'variant':28s} {'s/image':>9s} {'ratio':>7s}")
-    for name, values in times.items():
-        median = statistics.median(values)
+    for name, median in times.items():
         print(f"{name:28s} {median:9.4f} {median / base:6.3f}x")
 
 

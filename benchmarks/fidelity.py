@@ -8,11 +8,10 @@ most (grid positions / 16) forwards per image: the occluded copies share one pas
 """
 
 import argparse
-import statistics
 
 import torch
 import torchvision
-from timing import timed
+from timing import interleaved
 
 from hirescam_cli import METHODS, Explainer
 from hirescam_cli.metrics import fidelity
@@ -44,23 +43,17 @@ def bench(arch: str, layer: str, batch: int, rounds: int, device: torch.device) 
 
         calls = {"plain inference forward": plain, "maps (six methods)": maps, "occlusion": occlusion}
         calls["fidelity eval (all of it)"] = whole
-        for fn in calls.values():  # warm up; the first occlusion also decides batched vs fallback
-            fn()
-        times = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, fn in calls.items():
-                times[name].append(timed(fn, device) / batch)
+        times = interleaved(calls, rounds, device, batch)
         cells = result.maps["hirescam"].shape[-2] * result.maps["hirescam"].shape[-1]
         path = (
             "one larger batch after the layer" if explainer.occlusion_batched else "input repeated (fallback)"
         )
-    base = statistics.median(times["plain inference forward"])
+    base = times["plain inference forward"]
     print(f"\n{arch} at {layer}: {cells} positions, occlusion through {path}")
     print(f"batch {batch}, {device}, median of {rounds} rounds")
     print(f"goal: at most {cells / 16:.2f} forwards per image")
     print(f"{'variant':28s} {'s/image':>9s} {'forwards':>9s}")
-    for name, values in times.items():
-        median = statistics.median(values)
+    for name, median in times.items():
         print(f"{name:28s} {median:9.4f} {median / base:8.2f}x")
 
 
