@@ -1,25 +1,33 @@
-"""The `hirescam` command line: parsing and error reporting only; the work lives in pipeline.py."""
+"""The `hirescam` command line: parsing and error reporting only; the work lives in run.py and below.
+
+Nothing heavy is imported here: `--help`, `--version` and usage errors answer before torch loads.
+"""
 
 import sys
 from pathlib import Path
 
 import click
-import torch
 
 from . import __version__
-from .config import ConfigError, load
-from .discovery import InputError
-from .engine import Explainer
-from .evaluation import run_eval
-from .layers import choose_auto, probe_input, trace_layers
-from .layouts import layout_spec
-from .lock import OutLock, OutputLocked
-from .models import ModelError, load_model
-from .outputs import OutputError
-from .pipeline import EXIT_LOCKED, EXIT_OUTPUT, EXIT_USAGE, make_preprocess, run_explain
-from .report import ReportError, write_report
+from .config import load
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, UsageError
 
-USAGE_ERRORS = (ConfigError, ModelError, InputError, ReportError)
+EXIT_CODES = {
+    0: "every input explained or skipped",
+    1: "at least one input failed (see OUT/results.jsonl); the others were done",
+    2: "usage or config error: one line on stderr, nothing written",
+    3: "outputs cannot be written (folder unusable, disk full): the run stops",
+    4: "OUT is locked by another run (--wait waits for it instead)",
+    5: "torchrun job: a process stopped before finishing; rerun to complete",
+    130: "interrupted (Ctrl-C, SIGTERM): stopped after the current batch",
+}
+
+
+def epilog(examples: list[str], codes: tuple[int, ...]) -> str:
+    """Examples and exit codes for a command's --help, kept as typed (\\b stops click rewrapping)."""
+    lines = ["\b", "Examples:", *(f"  {example}" for example in examples), "", "\b", "Exit codes:"]
+    lines += [f"  {code:<4d}{EXIT_CODES[code]}" for code in codes]
+    return "\n".join(lines)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -49,90 +57,148 @@ def _grid(value: str | None) -> list[int] | None:
     return sizes * 2 if len(sizes) == 1 else sizes
 
 
-def layout_options(command):
-    """--layout, --grid and --prefix-tokens: how the target layer holds its map."""
-    prefix_help = "Tokens before the patch grid (class, distillation, registers)."
-    command = click.option("--prefix-tokens", type=int, help=prefix_help)(command)
-    command = click.option("--grid", help="Token grid HxW, e.g. 14x14.")(command)
-    return click.option(
-        "--layout",
-        type=click.Choice(["auto", "nchw", "nhwc", "tokens"]),
-        help="How the target layer holds its map (default: inferred).",
-    )(command)
+def _options(*options):
+    """A decorator applying click options in the order they are listed."""
 
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
 
-def _layout_flags(flags: dict) -> dict:
-    return {
-        "model.layout": flags.pop("layout"),
-        "model.grid": _grid(flags.pop("grid")),
-        "model.prefix_tokens": flags.pop("prefix_tokens"),
-    }
+    return apply
 
 
 config_option = click.option(
     "-c", "--config", type=click.Path(path_type=Path), help="TOML config (default: the shipped demo config)."
 )
+model_options = _options(
+    click.option(
+        "--model",
+        help="A torchvision model name (resnet50), timm:NAME, or package.module:callable (runs that code).",
+    ),
+    click.option(
+        "--weights",
+        help="torchvision weights name (default: the model's DEFAULT weights), or 'none' for random "
+        "weights (seeded; timm models too).",
+    ),
+    click.option(
+        "--checkpoint", type=click.Path(path_type=Path), help="A state_dict file to load (as data only)."
+    ),
+    click.option("--labels", type=click.Path(path_type=Path), help="Labels file, one label per line."),
+    click.option(
+        "--target-layer", help="Dotted module name to explain at, or 'auto' (see `hirescam layers`)."
+    ),
+    click.option(
+        "--layout",
+        type=click.Choice(["auto", "nchw", "nhwc", "tokens"]),
+        help="How the target layer holds its map (default: inferred).",
+    ),
+    click.option("--grid", help="Token layers: the patch grid HxW, e.g. 14x14 (default: inferred)."),
+    click.option(
+        "--prefix-tokens",
+        type=int,
+        help="Token layers: tokens before the grid (class, distillation, registers).",
+    ),
+)
+selection_options = _options(
+    click.option("--top-k", type=int, help="Explain the k highest-scoring classes (default 1)."),
+    click.option("--classes", help="Comma list of class ids or label names to explain, e.g. 3,tabby."),
+    click.option(
+        "--threshold", type=float, help="Multi-label models: explain every class with sigmoid >= this."
+    ),
+)
+resource_options = _options(
+    click.option("--batch-size", type=int, help="Images per forward pass (default: 8 on CPU, 32 on CUDA)."),
+    click.option(
+        "--workers", type=int, help="Decoding processes (0: in the main process; default: by cores)."
+    ),
+    click.option("--device", help="auto (default), cpu, cuda, cuda:N or mps."),
+    click.option("--amp/--no-amp", default=None, help="Mixed-precision forward (CUDA)."),
+)
+
+
+def model_overrides(model: str | None, flags: dict) -> dict:
+    """Config overrides of the model, layout, selection and resource flags (None: not given)."""
+    overrides = {
+        **_model_flags(model),
+        "model.weights": flags.pop("weights", None),
+        "model.checkpoint": flags.pop("checkpoint", None),
+        "model.labels": flags.pop("labels", None),
+        "model.target_layer": flags.pop("target_layer", None),
+        "model.layout": flags.pop("layout", None),
+        "model.grid": _grid(flags.pop("grid", None)),
+        "model.prefix_tokens": flags.pop("prefix_tokens", None),
+        "explain.top_k": flags.pop("top_k", None),
+        "explain.classes": _classes(flags.pop("classes", None)),
+        "explain.threshold": flags.pop("threshold", None),
+        "explain.batch_size": flags.pop("batch_size", None),
+        "explain.workers": flags.pop("workers", None),
+        "explain.device": flags.pop("device", None),
+        "explain.amp": flags.pop("amp", None),
+    }
+    return overrides
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="hirescam")
 def cli() -> None:
-    """Faithful HiResCAM and Grad-CAM explanations for PyTorch image classifiers."""
+    """Faithful HiResCAM and Grad-CAM explanations for PyTorch image classifiers.
+
+    Run `hirescam COMMAND --help` for a command's flags, examples and exit codes.
+    """
 
 
-@cli.command()
+@cli.command(
+    short_help="Explain images into OUT: heatmaps and summaries.",
+    epilog=epilog(
+        [
+            "hirescam explain sample_images -o out",
+            "hirescam explain photos/ -o out --model resnet50 --top-k 3",
+            "hirescam explain 'shots/**/*.jpg' -o out -c my.toml --checkpoint ft.pt --classes 3,tabby",
+            "find /data -name '*.jpg' | hirescam explain --inputs-from - -o out --wait",
+        ],
+        (0, 1, 2, 3, 4, 5, 130),
+    ),
+)
 @click.argument("inputs", nargs=-1)
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (made if missing)."
+)
 @click.option(
     "--inputs-from", metavar="FILE", help="Also explain the paths listed in FILE, one per line ('-': stdin)."
 )
 @click.option("--allow-empty", is_flag=True, help="No image found is not an error: exit 0.")
 @click.option("--wait", is_flag=True, help="If another run holds OUT, wait for it instead of exiting 4.")
 @config_option
-@click.option("--model", help="torchvision name, timm:NAME, or package.module:callable (runs that code).")
-@click.option("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="state_dict file (loaded as data only).")
-@click.option("--labels", type=click.Path(path_type=Path), help="Labels file, one per line.")
-@click.option("--target-layer", help="Dotted module name, or 'auto'.")
-@layout_options
+@model_options
 @click.option(
     "--methods", help="Comma list: hirescam,gradcam,gradcam++,xgradcam,layercam,gradcam-elementwise."
 )
-@click.option("--top-k", type=int, help="Explain the k highest-scoring classes.")
-@click.option("--classes", help="Comma list of class ids or label names to explain.")
-@click.option("--threshold", type=float, help="Multi-label: explain every class with sigmoid >= this.")
-@click.option("--batch-size", type=int)
-@click.option("--workers", type=int, help="Decoding processes (0: in the main process; default: by cores).")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision forward (CUDA).")
-@click.option("--colormap", help="Matplotlib colormap name.")
-@click.option("--alpha", type=float, help="Heatmap opacity, 0..1.")
+@selection_options
+@resource_options
+@click.option("--colormap", help="Matplotlib colormap name (default jet).")
+@click.option("--alpha", type=float, help="Heatmap opacity, 0..1 (default 0.5).")
 @click.option("--signed/--no-signed", default=None, help="Show HiResCAM signed, zero at the colormap centre.")
 @click.option("--save-raw/--no-save-raw", default=None, help="Also write raw maps as float32 .npy.")
 @click.option("--png", type=click.Choice(["fast", "small"]), help="PNG encoder: fast (fpng) or small (zlib).")
-@click.option("--max-pixels", type=int, help="Refuse images with more pixels than this.")
-@click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist.")
+@click.option(
+    "--max-pixels", type=int, help="Refuse images with more pixels than this (default 100,000,000)."
+)
+@click.option("--overwrite", is_flag=True, help="Redo every input, even those whose outputs are complete.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("--report", is_flag=True, help="Also write OUT/report/index.html (see `hirescam report`).")
 def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_empty, wait, report, **flags):
-    """Explain image files, folders (recursive) or glob patterns into OUT."""
+    """Explain image files, folders (recursive) or glob patterns into OUT.
+
+    Writes OUT/<input>/<method>-<class>.png heatmaps over each image and OUT/<input>/summary.json,
+    plus OUT/results.jsonl and OUT/run.json. A rerun skips inputs already done with the same
+    config; without -c the shipped demo config is used.
+    """
     if not inputs and inputs_from is None:
         raise click.UsageError("give INPUTS, or --inputs-from FILE")
     overrides = {
-        **_model_flags(model),
-        **_layout_flags(flags),
-        "model.weights": flags["weights"],
-        "model.checkpoint": flags["checkpoint"],
-        "model.labels": flags["labels"],
-        "model.target_layer": flags["target_layer"],
+        **model_overrides(model, flags),
         "explain.methods": _split(flags["methods"]),
-        "explain.top_k": flags["top_k"],
-        "explain.classes": _classes(flags["classes"]),
-        "explain.threshold": flags["threshold"],
-        "explain.batch_size": flags["batch_size"],
-        "explain.workers": flags["workers"],
-        "explain.device": flags["device"],
-        "explain.amp": flags["amp"],
         "render.colormap": flags["colormap"],
         "render.alpha": flags["alpha"],
         "render.signed": flags["signed"],
@@ -141,15 +207,30 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
         "preprocess.max_pixels": flags["max_pixels"],
     }
     settings = load(config, overrides)
+    from .run import run_explain
+
     options = {"wait": wait, "inputs_from": inputs_from, "allow_empty": allow_empty, "report": report}
     sys.exit(run_explain(settings, list(inputs), out, overwrite, quiet, **options))
 
 
-@cli.command(name="report")
+@cli.command(
+    name="report",
+    short_help="Write OUT/report/index.html: a gallery of a run.",
+    epilog=epilog(
+        ["hirescam report out", "hirescam report out --wait   # after the run that holds out"], (0, 2, 3, 4)
+    ),
+)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--wait", is_flag=True, help="If a run holds OUT, wait for it instead of exiting 4.")
 def report_command(out, wait) -> None:
-    """Write OUT/report/index.html: a static, offline gallery of the run in OUT."""
+    """Write OUT/report/index.html: a static, offline gallery of the run in OUT.
+
+    Reads run.json, results.jsonl and the summaries; thumbnails are made once and kept while their
+    pictures are unchanged. Works for a finished or an interrupted run.
+    """
+    from .lock import OutLock
+    from .report import ReportError, write_report
+
     if not out.is_dir():
         raise ReportError(f"{out} is not a folder: give the OUT of a `hirescam explain` run")
     lock = OutLock(out)  # a report never reads a run that is still writing
@@ -160,56 +241,42 @@ def report_command(out, wait) -> None:
         lock.release()
 
 
-@cli.command()
+@cli.command(
+    short_help="List the model's spatial layers and auto's pick.",
+    epilog=epilog(
+        [
+            "hirescam layers",
+            "hirescam layers --model vgg16",
+            "hirescam layers -c my.toml --target-layer layer4.2",
+        ],
+        (0, 2),
+    ),
+)
 @config_option
-@click.option("--model", help="torchvision model name, timm:NAME, or package.module:callable.")
-@click.option("--target-layer", help="Mark this layer instead of auto's pick.")
-@layout_options
+@model_options
 def layers(config, model, **flags) -> None:
-    """List every spatial layer at the configured input size: layout, grid, prefix, auto's pick."""
-    overrides = {**_model_flags(model), **_layout_flags(flags), "model.target_layer": flags["target_layer"]}
-    settings = load(config, overrides)
-    loaded = load_model(settings.model, load_weights=False)  # shapes need no weights: works offline
-    preprocess = make_preprocess(settings.preprocess, loaded.transforms)
-    height, width = preprocess.input_size
-    probe = probe_input(torch.zeros(1, 3, height, width))
-    traced = trace_layers(loaded.module, probe, layout_spec(settings.model), probe=True)
-    try:
-        auto = choose_auto(traced)
-        click.echo(f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}")
-    except ValueError as e:
-        auto = None
-        click.echo(f"{loaded.name}, input {height}x{width}; 'auto' finds nothing: {e}")
-    usable = [info for info in traced if info.layout is not None and info.calls == 1]
-    with Explainer(loaded.module) as explainer:  # one forward and one gradient for every layer
-        identical = explainer.identical_layers(probe, usable)
-    header = f"{'layer':44s} {'output shape':16s} {'layout':7s} {'grid':7s} {'prefix':>6s}  {'runs':18s}"
-    click.echo(f"{header} HiResCAM vs Grad-CAM")
-    for info in traced:
-        if info.layout is None and not info.ambiguous:
-            continue  # not spatial at all
-        once = "once" if info.calls == 1 else f"{info.calls}x (not usable)"
-        if info.layout is None:
-            kind, grid, prefix = "?", "?", "?"
-            note = f"  ({info.problem.rsplit('; ', 1)[1]})"
-        else:
-            kind, grid = info.layout.kind, "x".join(map(str, info.layout.grid))
-            prefix = str(info.layout.prefix_tokens)
-            note = "  (scores do not depend on its grid)" if info.grid_gradient is False else ""
-        mark = "  <- auto" if info.name == auto else ""
-        mark += "  <- target" if info.name == settings.model.target_layer != "auto" else ""
-        shape = "x".join(map(str, info.shape[1:]))
-        maps = {True: "identical", False: "differ", None: "-"}[identical.get(info.name)]
-        row = f"{info.name:44s} {shape:16s} {kind:7s} {grid:7s} {prefix:>6s}  {once:18s} {maps}"
-        click.echo(f"{row}{note}{mark}")
-    if auto is not None and identical.get(auto):
-        click.echo(
-            "identical: the gradient is constant over the grid (a global-average-pool head), so "
-            "HiResCAM equals Grad-CAM there by construction; pick a layer marked 'differ' to see a difference"
-        )
+    """List every spatial layer at the configured input size: its output shape, layout, grid and
+    prefix tokens, whether it runs once, whether HiResCAM and Grad-CAM differ there, and the layer
+    `auto` picks. Needs no weights (works offline)."""
+    settings = load(config, model_overrides(model, flags))
+    from .layer_table import layer_table
+
+    for line in layer_table(settings):
+        click.echo(line)
 
 
-@cli.command(name="eval")
+@cli.command(
+    name="eval",
+    short_help="Score every method's faithfulness (and localisation).",
+    epilog=epilog(
+        [
+            "hirescam eval sample_images -o eval_out",
+            "hirescam eval sample_images --masks sample_masks -o eval_out",
+            "hirescam eval photos/ --model resnet50 --checkpoint r50.pth --top-k 3 --positions 20",
+        ],
+        (0, 2, 3),
+    ),
+)
 @click.argument("images", nargs=-1, required=True)
 @click.option(
     "--masks",
@@ -221,15 +288,22 @@ def layers(config, model, **flags) -> None:
 @click.option(
     "--positions", type=int, help="Occlude this many grid positions per batch, sampled (default: all)."
 )
-@click.option("--batch-size", type=int)
-@click.option("--workers", type=int, help="Decoding processes.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-def evaluate(images, masks, config, out, positions, batch_size, workers, device) -> None:
-    """Faithfulness to the model (layer occlusion) of every method; with --masks, localisation too."""
+@model_options
+@selection_options
+@resource_options
+def evaluate(images, masks, config, out, positions, model, **flags) -> None:
+    """Faithfulness to the model (layer occlusion) of every method; with --masks, localisation too.
+
+    Needs no ground truth: the score drop when each grid position of the target layer is zeroed is
+    compared with every method's map. Prints Markdown tables; -o writes eval.json and eval.html.
+    """
     if masks is not None and not masks.is_dir():
-        raise ConfigError(f"--masks {masks} is not a folder")
-    overrides = {"explain.workers": workers, "explain.device": device, "explain.batch_size": batch_size}
-    settings = load(config, overrides)
+        raise UsageError(f"--masks {masks} is not a folder")
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file, not a folder: give the folder eval.json goes to")
+    settings = load(config, model_overrides(model, flags))
+    from .evaluation import run_eval
+
     run_eval(settings, list(images), masks, out, positions)
 
 
@@ -237,24 +311,15 @@ def main() -> None:
     """Entry point: one clear line and a documented exit code for every failure a user can cause."""
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("hirescam: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
         click.echo(f"hirescam: error: {e.format_message()}", err=True)
         sys.exit(EXIT_USAGE)
-    except USAGE_ERRORS as e:
+    except Failure as e:
         click.echo(f"hirescam: error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OutputError as e:
-        click.echo(f"hirescam: error: {e}", err=True)
-        sys.exit(EXIT_OUTPUT)
-    except OutputLocked as e:
-        click.echo(f"hirescam: error: {e}", err=True)
-        sys.exit(EXIT_LOCKED)
-    except KeyboardInterrupt:
-        click.echo("hirescam: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
+from .errors import UsageError
 from .methods import METHODS
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "demo.toml"
 Size = int | tuple[int, int]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config or flag value that cannot be used; the message names the key and the fix."""
 
 
@@ -22,7 +21,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str | None = None
     factory: str | None = None
-    weights: str | None = None
+    weights: str | None = None  # torchvision weights name; None: DEFAULT (no checkpoint); "none": random
     checkpoint: Path | None = None
     num_classes: int | None = None
     labels: Path | None = None
@@ -219,6 +218,8 @@ def _classes(key: str, value: Any, _base: Path) -> tuple[int | str, ...]:
 
 
 def _colormap(key: str, value: Any, base: Path) -> str:
+    import matplotlib  # here, not at the top: loading a config stays quick
+
     name = _text(key, value, base)
     if name not in matplotlib.colormaps:
         raise _fail(key, value, "a matplotlib colormap name such as jet, viridis, inferno or turbo")
@@ -316,8 +317,11 @@ def _check_whole(config: Config) -> None:
             "set exactly one of model.arch (a torchvision model name or timm:NAME) "
             "or model.factory (module:callable)"
         )
-    if model.arch and model.arch.startswith("timm:") and model.weights:
-        raise ConfigError("model.weights names torchvision weights; timm models use model.checkpoint")
+    if model.arch and model.arch.startswith("timm:") and model.weights not in (None, "none"):
+        raise ConfigError(
+            'model.weights names torchvision weights; timm models take "none" (random weights) or '
+            "model.checkpoint"
+        )
     if model.factory and model.weights:
         raise ConfigError("model.weights names torchvision weights; with model.factory use model.checkpoint")
     if model.factory and ":" not in model.factory:

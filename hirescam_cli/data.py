@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import hashlib
 import io
+import os
 import signal
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,9 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from torchvision.transforms import InterpolationMode
 
 from .discovery import NOT_DECODABLE, InputItem
-
-# Transparent pixels are composited over this fixed background.
-BACKGROUND = (255, 255, 255)
+from .pixels import rgb_array
 
 # Pillow's decoding limits are process-wide globals; decode() sets them for its own use under this lock.
 _PILLOW_LOCK = threading.Lock()
@@ -107,37 +107,10 @@ def _load(data: bytes, max_pixels: int | None, resize: int | None = None) -> Ima
     return image
 
 
-def _scale_to_uint8(image: Image.Image) -> np.ndarray:
-    """Map a 16/32-bit integer or float single-channel image to uint8 (H, W).
-
-    The nominal range (0..65535 for integers, 0..1 for floats) maps to 0..255 when every value lies in it,
-    as image viewers show 16-bit files; otherwise the image's own min..max does. Never clips; NaN and
-    infinities count as 0; a constant image outside the nominal range becomes 0.
-    """
-    values = np.asarray(image).astype(np.float64)
-    values[~np.isfinite(values)] = 0.0
-    low, high = 0.0, 1.0 if image.mode == "F" else 65535.0
-    if values.min() < low or values.max() > high:
-        low, high = float(values.min()), float(values.max())
-    if high == low:
-        return np.zeros(values.shape, np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """Convert any Pillow mode to uint8 RGB (H, W, 3); transparency is composited over BACKGROUND."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return np.repeat(_scale_to_uint8(image)[:, :, None], 3, axis=2)
-    if image.has_transparency_data:
-        background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"))
-
-
 def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Decode image bytes to an upright (EXIF orientation applied) uint8 RGB (3, H, W) tensor or ImageError.
 
-    Takes the first frame of animations; converts every mode to RGB (see ``_rgb_array``). ``max_pixels``
+    Takes the first frame of animations; converts every mode to RGB (see ``pixels.rgb_array``). ``max_pixels``
     (None: no limit) is checked on the header size before any pixel is decoded, and so is the size the
     shorter-side `resize` (an int) would give.
     """
@@ -146,7 +119,7 @@ def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | 
     image = _load(data, max_pixels, resize if isinstance(resize, int) else None)
     try:
         ImageOps.exif_transpose(image, in_place=True)
-        rgb = _rgb_array(image)
+        rgb = rgb_array(image)
     except Exception as error:  # e.g. a mode with no RGB conversion
         raise ImageError(f"cannot convert {image.mode} image to RGB: {_one_line(error)}") from None
     return torch.from_numpy(np.require(rgb.transpose(2, 0, 1), requirements=["C", "W"]))
@@ -268,6 +241,33 @@ def _read_error(path: Path, error: OSError) -> str:
     return f"cannot read: {error.strerror or _one_line(error)}"
 
 
+def read_file(path: Path, max_bytes: int | None) -> bytes:
+    """A regular file's bytes; ImageError for a device, pipe or socket (never read: it could be endless) or
+    a file larger than `max_bytes`. OSError when it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block the open
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"not a regular file but a {_file_kind(info.st_mode)}")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ImageError(f"{info.st_size} bytes: larger than any image within --max-pixels could be")
+        return file.read()
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device", stat.S_ISFIFO: "named pipe"}
+    return next(
+        (name for test, name in kinds.items() if test(mode)),
+        "socket" if stat.S_ISSOCK(mode) else "special file",
+    )
+
+
+def file_limit(max_pixels: int | None) -> int | None:
+    """The largest file an image within max_pixels can be: 8 bytes a pixel (16-bit RGBA, uncompressed)
+    plus room for metadata."""
+    return None if max_pixels is None else 8 * max_pixels + 2**24
+
+
 class ImageDataset(Dataset[Sample]):
     """Reads, hashes, decodes and preprocesses inputs by index; a bad image is an error, never an exception.
 
@@ -302,9 +302,11 @@ class ImageDataset(Dataset[Sample]):
         """Load one input into a Sample (skipped, failed or ready)."""
         item = self.item(index)
         try:
-            data = item.path.read_bytes()
+            data = read_file(item.path, file_limit(self.max_pixels))
         except OSError as error:
             return Sample(index, error=_read_error(item.path, error))
+        except ImageError as error:
+            return Sample(index, error=str(error))
         sha256 = hashlib.sha256(data).hexdigest()
         if self.skip is not None and self.skip(item, sha256):
             return Sample(index, sha256, skipped=True)

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 # Pillow formats that are not raster images we can decode: write-only (PDF, PALM), stubs without a
@@ -35,7 +38,7 @@ NOT_DECODABLE = frozenset({"BUFR", "EPS", "GRIB", "HDF5", "MPEG", "PALM", "PDF",
 _CHUNK = 10_000  # rows per SQLite round trip
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """A usage problem with the INPUTS arguments (nothing matched, path missing); the message is one line."""
 
 
@@ -210,6 +213,7 @@ def _collect(
         text = os.fspath(raw)
         path = os.path.abspath(text)
         shown = _printable(text)
+        _refuse_virtual(path, shown)
         if os.path.isdir(path):
             try:
                 with os.scandir(path):
@@ -219,6 +223,7 @@ def _collect(
             base, files = path, _walk([path], skip)
             empty = f"no image files found in folder {shown}"
         elif os.path.lexists(path):
+            _refuse_special(path, shown)
             base, files, empty = os.path.dirname(path), iter([path] if outside(path) else []), ""
         elif glob.has_magic(path):
             base = _glob_base(path)
@@ -248,6 +253,7 @@ def _insert_listed(db, listed, skip, outside, real_folder) -> str | None:
         nonlocal common, last
         for line in listed:
             path = os.path.abspath(line)
+            _refuse_virtual(path, _printable(line))
             is_folder = os.path.isdir(path)
             folder, name = (path, "") if is_folder else os.path.split(path)
             real = real_folder(path) if is_folder else os.path.join(real_folder(folder), name)
@@ -263,6 +269,34 @@ def _insert_listed(db, listed, skip, outside, real_folder) -> str | None:
 
     _insert(db, files())
     return common
+
+
+VIRTUAL = ("/proc", "/sys", "/dev")  # the kernel's file systems: endless files, loops, devices (not /dev/shm)
+
+
+def _refuse_virtual(path: str, shown: str) -> None:
+    """InputError for a path on one of the kernel's virtual file systems."""
+    real = os.path.realpath(path)
+    if real == "/dev/shm" or real.startswith("/dev/shm/"):  # a RAM disk: ordinary files
+        return
+    root = next((v for v in VIRTUAL if real == v or real.startswith(v + os.sep)), None)
+    if root is not None:
+        raise InputError(f"{shown} is under {root}, a virtual file system of the kernel, not images")
+
+
+def _refuse_special(path: str, shown: str) -> None:
+    """InputError for an argument that is a device, pipe or socket (reading one may never end)."""
+    with contextlib.suppress(OSError):  # a broken link stays an input: it ends as an error line
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            kind = (
+                "named pipe"
+                if stat.S_ISFIFO(mode)
+                else "device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "socket"
+            )
+            raise InputError(f"{shown} is a {kind}, not an image file")
 
 
 def _insert(db: sqlite3.Connection, files: Iterable[str]) -> int:

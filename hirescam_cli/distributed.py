@@ -11,7 +11,10 @@ start that they all see the same inputs; the rendezvous' TCP store carries the s
 has the lock: go, or stop), the job-wide progress counters, and each rank's report when it is done.
 Nothing couples the ranks while they explain, so one that dies cannot hang the others: torchrun stops
 them (SIGTERM), they stop at a batch boundary, and rank 0 merges the shares of those that reported.
+A job of one imports no torch here, so a run can take OUT's lock before torch loads.
 """
+
+from __future__ import annotations
 
 import contextlib
 import json
@@ -20,15 +23,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
 from .discovery import InputError
-from .lock import OutputLocked
-from .outputs import OutputError
+from .errors import OutputError, OutputLocked
+
+if TYPE_CHECKING:
+    import torch
 
 START_TIMEOUT = timedelta(days=7)  # how long the other ranks wait for rank 0 to get the lock (--wait)
 GRACE_S = 5.0  # how long a stopping rank 0 waits for the other ranks' reports
@@ -68,7 +70,7 @@ class Job:
     _reports: dict[int, dict] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls) -> "Job":
+    def from_env(cls) -> Job:
         """The job torchrun describes in the environment, or a job of one."""
         if "WORLD_SIZE" not in os.environ:
             return cls()
@@ -90,6 +92,9 @@ class Job:
         """Join the process group (nccl on CUDA, gloo otherwise) and the rendezvous store."""
         if self.world == 1:
             return
+        import torch
+        import torch.distributed as dist
+
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -98,6 +103,10 @@ class Job:
 
     def close(self) -> None:
         """Leave the process group."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -105,6 +114,8 @@ class Job:
         """Every rank must see the same `what` (e.g. the inputs); InputError naming one that differs."""
         if self.world == 1:
             return
+        import torch.distributed as dist
+
         values: list[Any] = [None] * self.world
         dist.all_gather_object(values, value)
         for rank, other in enumerate(values):

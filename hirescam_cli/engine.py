@@ -83,7 +83,10 @@ class Explanation:
     target_layer: str
     layout: Layout  # how the target layer's output was read as the (K, h, w) grid
     prefix_sum: Tensor  # (B, T): HiResCAM's G*A summed over prefix tokens and channels (0: no tokens)
-    identical_by_construction: Tensor  # (B, T) bool: G constant over the grid, so HiResCAM == Grad-CAM
+    identical_by_construction: (
+        Tensor  # (B, T) bool: G constant (not zero) over the grid: HiResCAM == Grad-CAM
+    )
+    zero_gradient: Tensor  # (B, T) bool: G is zero over the whole grid, so every map is zero
 
     def select(self, rows: Tensor) -> "Explanation":
         """The same explanation restricted to some of the batch's images."""
@@ -98,6 +101,7 @@ class Explanation:
             baseline=self.baseline[rows],
             prefix_sum=self.prefix_sum[rows],
             identical_by_construction=self.identical_by_construction[rows],
+            zero_gradient=self.zero_gradient[rows],
         )
 
 
@@ -189,6 +193,7 @@ class Explainer:
         gap = (scores - baseline) - maps["hirescam"].sum((-2, -1)) - prefix_sum
         if "hirescam" not in names:
             del maps["hirescam"]
+        zero = ~grid_grads.flatten(2).ne(0).any(-1)
         return Explanation(
             maps=maps,
             classes=targets,
@@ -201,7 +206,8 @@ class Explainer:
             target_layer=self.target_layer,
             layout=layout,
             prefix_sum=prefix_sum,
-            identical_by_construction=constant_over_grid(grid_grads),
+            identical_by_construction=constant_over_grid(grid_grads) & ~zero,
+            zero_gradient=zero,
         )
 
     def layout(self, x: Tensor) -> Layout:
@@ -267,7 +273,8 @@ class Explainer:
 
         One forward keeps every given layer's output in the graph and one gradient of the top-1
         scores reaches them all; each is read through its layout. None for a layer the score does
-        not depend on (all None when the model does not return (B, C) logits). Give layers that
+        not depend on, or only through a zero gradient (all None when the model does not return
+        (B, C) logits). Give layers that
         run once per forward.
         """
         outputs: dict[str, Tensor] = {}
@@ -300,7 +307,8 @@ class Explainer:
             grads = torch.autograd.grad(score, [outputs[n] for n in kept], allow_unused=True)
             for name, grad in zip(kept, grads, strict=True):
                 grid = None if grad is None else by_name[name].layout.to_map(grad)[:, None]
-                found[name] = None if grid is None else bool(constant_over_grid(grid).all())
+                depends = grid is not None and bool(grid.ne(0).any())
+                found[name] = bool(constant_over_grid(grid).all()) if depends else None
         return {info.name: found.get(info.name) for info in spatial}
 
     def differing_layer(self, x: Tensor) -> str | None:

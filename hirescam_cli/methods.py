@@ -3,14 +3,20 @@
 Shapes: A is (B, K, h, w), the target layer's output; G is (B, T, K, h, w), the gradient of
 each of T target scores with respect to A. Every method returns the RAW map (B, T, h, w):
 signed where the method is signed, before any ReLU or normalisation.
+
+This module imports no torch (the functions only call tensor methods), so the config can check
+method names without loading it.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-Method = Callable[[Tensor, Tensor], Tensor]
+Method = Callable[["Tensor", "Tensor"], "Tensor"]
 
 
 def _spatial_sum(x: Tensor) -> Tensor:
@@ -21,7 +27,7 @@ def _spatial_sum(x: Tensor) -> Tensor:
 def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """num / den where den is non-zero, else 0."""
     nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), 0.0)
+    return (num / den.where(nonzero, 1.0)).where(nonzero, 0.0)
 
 
 def hirescam(a: Tensor, g: Tensor) -> Tensor:

@@ -1,23 +1,36 @@
-"""Model sources: a torchvision name (+ weights), timm:NAME, a checkpoint, or a "module:callable" factory."""
+"""Model sources: a torchvision name (+ weights), timm:NAME, a checkpoint, or a "module:callable" factory.
+
+Weights are a choice, never an accident: a torchvision or timm model without a checkpoint gets its
+pretrained weights (downloaded when online, from the local cache otherwise), random weights only when
+the config says `weights = "none"`, and every model is built under a fixed seed, so whatever it
+initialises at random is the same in every run.
+"""
 
 import difflib
 import importlib
 import math
+import os
 import pickle
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UsageError
 
 _RESIZES = ("bilinear", "bicubic", "nearest")  # timm interpolations the preprocessing has
+NO_WEIGHTS = "none"  # model.weights for random (seeded) weights
+BUILD_SEED = 0  # every model is built under this seed
+CONNECT_TIMEOUT_S = 3.0  # how long a download waits to learn the machine is offline
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """The model cannot be built or loaded; the message says what to change."""
 
 
@@ -29,6 +42,7 @@ class LoadedModel:
     name: str  # for summaries: "resnet50 (IMAGENET1K_V2)", "pkg.mod:fn + ckpt.pt"
     labels: list[str] | None
     transforms: Any | None  # the preprocessing preset (torchvision weights' or a TimmPreset), if any
+    random_weights: bool = False  # weights = "none": the model was asked for with random weights
 
 
 @dataclass(frozen=True)
@@ -50,16 +64,19 @@ def load_model(config: ModelConfig, load_weights: bool = True) -> LoadedModel:
     """
     if config.arch and config.arch.startswith("timm:"):
         return _from_timm(config, load_weights)
-    weights = _weights(config) if config.weights else None
+    random = config.weights == NO_WEIGHTS
+    weights = _weights(config) if config.arch and not random else None
     if config.factory:
-        module = _from_factory(config.factory)
+        module = _seeded(lambda: _from_factory(config.factory))
         name = config.factory
     else:
         module = _from_torchvision(config, weights if load_weights else None)
-        name = config.arch if weights is None else f"{config.arch} ({config.weights})"
+        name = f"{config.arch} ({weights.name})" if weights is not None else config.arch
     if config.checkpoint and load_weights:
         load_checkpoint(module, config.checkpoint)
         name = f"{name} + {config.checkpoint.name}"
+    elif random:
+        name = f"{name} (random weights)"
     labels = read_labels(config.labels) if config.labels else None
     if labels is None and weights is not None:
         labels = list(weights.meta.get("categories") or []) or None
@@ -68,20 +85,51 @@ def load_model(config: ModelConfig, load_weights: bool = True) -> LoadedModel:
         name=name,
         labels=labels,
         transforms=weights.transforms() if weights is not None else None,
+        random_weights=random and not config.checkpoint,
     )
 
 
+def _seeded(build):
+    """What `build()` returns, built under BUILD_SEED without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        return build()
+
+
 def _weights(config: ModelConfig) -> Any:
-    """The torchvision weights enum member named by the config."""
-    if not config.arch:
-        raise ModelError("model.weights needs model.arch")
+    """The torchvision weights enum member the config names; unset: DEFAULT, unless a checkpoint is given."""
+    if config.weights is None and config.checkpoint:
+        return None
+    name = config.weights or "DEFAULT"
+    if config.arch not in torchvision.models.list_models(module=torchvision.models):
+        return None  # _from_torchvision says what is wrong with the name
+    available = torchvision.models.get_model_weights(config.arch)
     try:
-        return torchvision.models.get_model_weights(config.arch)[config.weights]
+        weights = available[name]
     except KeyError:
-        names = ", ".join(w.name for w in torchvision.models.get_model_weights(config.arch))
+        names = ", ".join(w.name for w in available) or "none exist"
+        if config.weights is None:
+            raise ModelError(
+                f"{config.arch} has no pretrained torchvision weights ({names}); set model.checkpoint "
+                '(--checkpoint) to a state_dict, or model.weights = "none" (--weights none) for random '
+                "weights"
+            ) from None
         raise ModelError(
-            f"model.weights = {config.weights!r} is not a weights name of {config.arch}; choose {names}"
+            f"model.weights = {config.weights!r} is not a weights name of {config.arch}; choose {names}, "
+            'or "none" for random weights'
         ) from None
+    categories = len(weights.meta.get("categories") or [])
+    if (
+        config.num_classes is not None
+        and categories
+        and config.num_classes != categories
+        and not config.checkpoint
+    ):
+        raise ModelError(
+            f"model.num_classes = {config.num_classes} does not fit {config.arch}'s {weights.name} weights "
+            f'({categories} classes): set model.checkpoint (--checkpoint), or model.weights = "none"'
+        )
+    return weights
 
 
 def _from_torchvision(config: ModelConfig, weights: Any) -> nn.Module:
@@ -91,18 +139,41 @@ def _from_torchvision(config: ModelConfig, weights: Any) -> nn.Module:
             f"model.arch = {arch!r} is not a torchvision classification model (e.g. resnet50, vgg16)"
         )
     kwargs = {} if config.num_classes is None else {"num_classes": config.num_classes}
-    module = torchvision.models.get_model(arch, weights=None, **kwargs)
+    module = _seeded(lambda: torchvision.models.get_model(arch, weights=None, **kwargs))
     if weights is not None and not config.checkpoint:
+        _offline_check(weights.url, f"torchvision weights {weights}", "the file it names")
         try:
             state = weights.get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             raise ModelError(
                 f"cannot get torchvision weights {weights} ({reason}); "
-                "when offline, download them elsewhere and set model.checkpoint (--checkpoint) to the file"
+                f"download {weights.url} elsewhere and set model.checkpoint (--checkpoint) to the file"
             ) from None
         _load_state(module, state, str(weights))
     return module
+
+
+def _offline_check(url: str, what: str, download: str) -> None:
+    """ModelError at once when `url` is not in torch's cache and its host cannot be reached."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.exists(cached) and not reachable(urlparse(url).hostname or ""):
+        raise ModelError(
+            f"cannot download {what}: {urlparse(url).hostname} cannot be reached (offline?); download "
+            f"{download} elsewhere and set model.checkpoint (--checkpoint) to it, or model.weights = "
+            '"none" (--weights none) for random weights'
+        )
+
+
+def reachable(host: str, port: int = 443) -> bool:
+    """Whether a TCP connection to host:port opens within CONNECT_TIMEOUT_S (False when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") and host.endswith("huggingface.co"):
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _from_timm(config: ModelConfig, load_weights: bool) -> LoadedModel:
@@ -117,21 +188,31 @@ def _from_timm(config: ModelConfig, load_weights: bool) -> LoadedModel:
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(f"model.arch = {config.arch!r} is not a timm model{hint}")
+    if config.weights not in (None, NO_WEIGHTS):
+        raise ModelError(
+            f'model.weights = {config.weights!r}: timm models take "none" (random weights) or a checkpoint; '
+            "name a pretrained tag in the model name (timm:resnet50.a1_in1k)"
+        )
     kwargs = {} if config.num_classes is None else {"num_classes": config.num_classes}
-    download = load_weights and not config.checkpoint
+    random = config.weights == NO_WEIGHTS
+    pretrained = load_weights and not config.checkpoint and not random
+    if pretrained:
+        kwargs |= _timm_source(arch)
     try:
-        module = timm.create_model(arch, pretrained=download, **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:  # no network, no cached file, a bad download
-        if not download:
+        module = _seeded(lambda: timm.create_model(arch, pretrained=pretrained, **kwargs))
+    except (OSError, RuntimeError, ValueError) as e:  # no cached file, a bad download
+        if not pretrained:
             raise ModelError(f"cannot build timm model {arch}: {str(e).splitlines()[0][:160]}") from None
         raise ModelError(
             f"cannot get timm weights for {arch} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            "when offline, download them elsewhere and set model.checkpoint (--checkpoint) to the file"
+            "download them elsewhere and set model.checkpoint (--checkpoint) to the file"
         ) from None
     name = config.arch
     if config.checkpoint and load_weights:
         load_checkpoint(module, config.checkpoint)
         name = f"{name} + {config.checkpoint.name}"
+    elif random:
+        name = f"{name} (random weights)"
     labels = read_labels(config.labels) if config.labels else None
     subset = infer_imagenet_subset(module) if labels is None else None
     if subset and ImageNetInfo(subset).num_classes() == module.num_classes:
@@ -151,7 +232,39 @@ def _from_timm(config: ModelConfig, load_weights: bool) -> LoadedModel:
             std=tuple(data["std"]),
             interpolation=data["interpolation"] if data["interpolation"] in _RESIZES else "bilinear",
         ),
+        random_weights=random and not config.checkpoint,
     )
+
+
+def _timm_source(arch: str) -> dict:
+    """create_model arguments that load a timm model's pretrained weights from the local cache when
+    they are there; {} to download them; a ModelError at once when uncached and the machine is offline."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None:
+        raise ModelError(
+            f"timm model {arch} has no pretrained weights: set model.checkpoint (--checkpoint), or "
+            'model.weights = "none" (--weights none) for random weights'
+        )
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(cached, str):
+                return {"pretrained_cfg_overlay": {"file": cached}}
+        if not reachable("huggingface.co"):
+            raise ModelError(
+                f"cannot download timm weights for {arch}: huggingface.co cannot be reached (offline?) and "
+                f"they are not in the local cache; download them elsewhere (hf download {cfg.hf_hub_id}) or "
+                'set model.checkpoint (--checkpoint) to a state_dict, or model.weights = "none" '
+                "(--weights none)"
+            )
+        return {}
+    if cfg.url:
+        _offline_check(cfg.url, f"timm weights for {arch}", cfg.url)
+    return {}
 
 
 def _from_factory(spec: str) -> nn.Module:

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import OutputError
+
 try:
     import fpng
 except ImportError:  # the fast encoder is optional: PNGs then come from zlib (--png small)
@@ -38,10 +40,6 @@ SCHEMA = "hirescam-cli/summary/1"
 LOCK_NAME = ".lock"
 # names under OUT that no input key takes
 RESERVED = ("results.jsonl", "run.json", "eval.json", "eval.html", "report", ".tmp", LOCK_NAME)
-
-
-class OutputError(Exception):
-    """Outputs cannot be written (no permission, disk full); the run stops."""
 
 
 def describe(error: Exception) -> str:
@@ -179,6 +177,16 @@ def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) 
     outdir.write_json(outdir.summary_path(key), summary)
 
 
+def new_counts() -> dict[str, int]:
+    """Inputs by status, and how many of the explained ones had no class above the threshold."""
+    return {"ok": 0, "skipped": 0, "error": 0, "no_target": 0}
+
+
+def count(counts: dict[str, int], record: dict[str, Any]) -> None:
+    counts[record["status"]] += 1
+    counts["no_target"] += bool(record.get("no_target"))
+
+
 class ResultsLog:
     """One process's share of results.jsonl: records in input order, each line led by its input index.
 
@@ -188,10 +196,10 @@ class ResultsLog:
     def __init__(self, out: OutputDir):
         self._partial = out.tmp / "results.part"
         self._file = open(self._partial, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
-        self.counts = {"ok": 0, "skipped": 0, "error": 0}
+        self.counts = new_counts()
 
     def add(self, index: int, record: dict[str, Any]) -> None:
-        self.counts[record["status"]] += 1
+        count(self.counts, record)
         self._file.write(f"{index}\t{json.dumps(record, ensure_ascii=False)}\n")
 
     def finish(self, part: Path) -> None:
@@ -202,13 +210,13 @@ class ResultsLog:
 
 def merge_results(out: OutputDir, parts: list[Path]) -> dict[str, int]:
     """Merge the processes' shares into OUT/results.jsonl in input order (atomically); returns the counts."""
-    counts = {"ok": 0, "skipped": 0, "error": 0}
+    counts = new_counts()
     partial = out.tmp / "results.jsonl.partial"
     with contextlib.ExitStack() as stack:
         shares = [_indexed(stack.enter_context(open(part, encoding="utf-8"))) for part in parts]
         merged = stack.enter_context(open(partial, "w", encoding="utf-8"))
         for _index, record in heapq.merge(*shares):
-            counts[json.loads(record)["status"]] += 1
+            count(counts, json.loads(record))
             merged.write(record)
     os.replace(partial, out.root / "results.jsonl")
     return counts

@@ -24,14 +24,14 @@ from tqdm import tqdm
 from . import __version__, render
 from .config import Config, ConfigError, PreprocessConfig
 from .data import Batch, ImageDataset, Preprocess, make_loader
-from .discovery import Catalogue, InputItem, catalogue, read_list
+from .discovery import Catalogue, InputItem
 from .distributed import Job
 from .engine import Explainer, Explanation
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RANK_LOST
 from .layouts import layout_spec
 from .lock import OutLock
 from .models import LoadedModel, load_model
 from .outputs import (
-    RESERVED,
     SCHEMA,
     OutputDir,
     OutputError,
@@ -47,9 +47,6 @@ from .resources import choose as choose_resources
 from .summary import batch_numbers, image_summary
 from .writers import ImageJob, Writers
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_LOCKED = 4  # OUT is locked by another run
-EXIT_RANK_LOST = 5  # a process of a torchrun job stopped before reporting: the ledgers cover the others
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RENDER_PIXELS = 2**24  # pixels rendered at once on the device; bounds memory for huge images
 PROGRESS_EVERY_S = 5.0
@@ -103,7 +100,39 @@ def make_preprocess(config: PreprocessConfig, transforms: Any) -> Preprocess:
     std = config.std or (tuple(transforms.std) if transforms else IMAGENET_STD)
     preset = getattr(transforms, "interpolation", "bilinear")
     interpolation = config.interpolation or getattr(preset, "value", preset)  # torchvision's is an enum
+    _check_crop(config, resize, crop, "the model's preset" if transforms else "the default")
     return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+
+
+def _check_crop(config: PreprocessConfig, resize, crop, origin: str) -> None:
+    """Refuse a crop larger than the resized picture: the model would see zero padding round every picture."""
+    if crop is None or resize is None:
+        return
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    if isinstance(resize, int):
+        larger = max(crop_h, crop_w) > resize  # the shorter side is `resize`, whichever way up the picture is
+    else:
+        larger = crop_h > resize[0] or crop_w > resize[1]
+    if not larger:
+        return
+    crop_text = (
+        f"preprocess.crop = {_size_text(crop)}"
+        if config.crop
+        else f"the crop of {_size_text(crop)} ({origin})"
+    )
+    resize_text = (
+        f"preprocess.resize = {_size_text(resize)}"
+        if config.resize
+        else f"the resize of {_size_text(resize)} ({origin})"
+    )
+    raise ConfigError(
+        f"{crop_text} is larger than {resize_text}: the model would see zero padding round every picture; "
+        "make the crop at most the resize"
+    )
+
+
+def _size_text(size) -> str:
+    return str(size) if isinstance(size, int) else str(list(size))
 
 
 def _preset_size(size: list[int]) -> int | tuple[int, int]:
@@ -258,33 +287,6 @@ class Renderer:
         return out
 
 
-def run_explain(
-    config: Config,
-    inputs: list[str],
-    out: Path,
-    overwrite: bool,
-    quiet: bool,
-    wait: bool = False,
-    inputs_from: str | None = None,
-    allow_empty: bool = False,
-    report: bool = False,
-) -> int:
-    """Explain every input into `out`; returns the exit code.
-
-    `inputs_from`: a file listing one path per line ("-": standard input); `allow_empty`: no image at
-    all is a normal outcome (exit 0); `wait`: wait for another run that holds OUT's lock; `report`:
-    write OUT/report/index.html at the end, while the lock is still held.
-    """
-    started = time.time()
-    listed = read_list(inputs_from) if inputs_from is not None else None
-    with catalogue(inputs, RESERVED, exclude=out, listed=listed, allow_empty=allow_empty) as items:
-        if not items:
-            if not quiet:
-                print("hirescam: no images found, nothing to do (--allow-empty)", file=sys.stderr, flush=True)
-            return EXIT_OK
-        return ExplainRun(config, items, out, overwrite, quiet, wait, started, report).run()
-
-
 class ExplainRun:
     """One `hirescam explain` process: set up (failing fast on usage errors), take OUT's lock (rank 0),
     stream this process's batches, finish the ledgers (rank 0 merges every process's share)."""
@@ -294,6 +296,8 @@ class ExplainRun:
         config: Config,
         items: Catalogue,
         out: Path,
+        lock: OutLock,
+        job: Job,
         overwrite: bool,
         quiet: bool,
         wait: bool,
@@ -303,11 +307,12 @@ class ExplainRun:
         self.started = started  # before discovery
         self.report = report
         self.config, self.items = config, items
-        self.job = Job.from_env()
+        self.job, self.lock = job, lock
         self.quiet = quiet or not self.job.lead  # progress and messages are shown once, by rank 0
         self.device = pick_device(config.explain.device, self.job.local_rank)
         self.job.connect(self.device)
         self.job.check_same("inputs", f"{len(items)} inputs (digest {items.digest[:16]})")
+        job_name = self.job.start(lambda: self._begin(wait))  # rank 0 holds OUT's lock from here
         explain, here = config.explain, self.job.local_world
         self.resources = choose_resources(self.device, explain.workers, explain.batch_size, here)
         torch.set_num_threads(self.resources.threads)
@@ -320,12 +325,10 @@ class ExplainRun:
         model = self.loaded.module.to(self.device)
         self.explainer = _open_explainer(model, config, self.preprocess, self.device, self.classes)
         self.fingerprint = fingerprint(config, self.loaded, self.preprocess)
-        self.lock = OutLock(out)
         try:
-            self.job_dir = temp_root(out) / self.job.start(lambda: self._begin(wait))
+            self.job_dir = temp_root(out) / job_name
             self.out = OutputDir(out, png=config.output.png, tmp=self.job_dir / f"rank{self.job.rank}")
         except BaseException:
-            self.lock.release()
             self.explainer.close()
             raise
         skip = None if overwrite else ResumeCheck(self.out.root, self.fingerprint)
@@ -338,16 +341,18 @@ class ExplainRun:
             batches=self.job.share(len(items), self.batch_size),
         )
         self.log = ResultsLog(self.out)
-        self.pending: collections.deque[tuple[int, dict | Future]] = collections.deque()
+        self.pending: collections.deque[tuple[int, dict, Future | None]] = collections.deque()
         self.output_error: str | None = None
         self.interrupted = False
         self.layer, self.guarantee = self.explainer.target_layer, None
         blank = torch.zeros((1, 3, *self.preprocess.input_size), device=self.device)
         self.layout = self.explainer.layout(blank).to_dict()  # decided when the explainer was opened
         self.identical: bool | None = None  # every explained target so far identical by construction
+        self.zero_gradient = False  # some target's score did not depend on the layer's grid
 
     def _begin(self, wait: bool) -> str:
-        """Rank 0, before anyone writes: take OUT's lock, clear what dead runs left; returns a job name."""
+        """Rank 0, before anyone writes: take OUT's lock (a job of one holds it already), clear what dead
+        runs left; returns a job name."""
         self.lock.acquire(wait, waiting=self.say)
         remove_stale_temp(self.lock.root)
         return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
@@ -361,6 +366,11 @@ class ExplainRun:
         processes = f", {self.job.world} processes" if self.job.world > 1 else ""
         where = f"on {self.device}{processes}"
         self.say(f"{len(self.items)} images, model {self.loaded.name}, layer {self.layer}, {where}")
+        if self.loaded.random_weights:
+            self.say(
+                f'note: {self.loaded.name}: model.weights = "none", so it explains a network with random '
+                f"weights (seeded: every run gets the same ones); its maps say nothing of a trained model"
+            )
         if self.config.output.png == "fast" and png_encoder("fast") != "fpng":
             self.say("fpng cannot be imported here: PNGs are encoded with zlib (slower, smaller)")
         progress = Progress(len(self.items), self.quiet)
@@ -372,7 +382,7 @@ class ExplainRun:
                     with torch.no_grad():
                         for batch in self.loader:
                             records = self._batch(batch, renderer, writers)
-                            self.pending.extend(sorted(records.items()))
+                            self.pending.extend((i, *records[i]) for i in sorted(records))
                             progress.advance_to(*self.job.progress(len(records), len(batch.failed)))
                             self._drain(limit=4 * self.batch_size)
                             if self.output_error:
@@ -395,11 +405,13 @@ class ExplainRun:
 
     def _batch(
         self, batch: Batch, renderer: "Renderer", writers: Writers
-    ) -> dict[int, dict | Future]:
-        """Records of the batch's skipped and failed inputs, and write jobs for its good ones."""
+    ) -> dict[int, tuple[dict, Future | None]]:
+        """index -> (record, its write job or None) of every input of the batch."""
         items = self.items
-        records: dict[int, dict | Future] = {i: _skipped(items[i]) for i, _ in batch.skipped}
-        records |= {i: _failed(items[i], error) for i, error in batch.failed}
+        records: dict[int, tuple[dict, Future | None]] = {
+            i: (_skipped(items[i]), None) for i, _ in batch.skipped
+        }
+        records |= {i: (_failed(items[i], error), None) for i, error in batch.failed}
         if batch.indices:
             # Every image keeps its slot in a full-size batch (skipped and failed ones leave theirs
             # empty), so a resumed run computes each image with exactly the arithmetic of a whole run.
@@ -409,6 +421,7 @@ class ExplainRun:
             result = _explain(self.explainer, x, self.config, self.classes).select(slots)
             self.guarantee = result.guarantee
             self._note_identical(x[slots[:1]], result)
+            self._note_zero_gradient(result)
             pictures = renderer(result, batch)
             records |= _submit(
                 writers, self.out, batch, result, pictures, items, self.loaded, self.config, self.fingerprint
@@ -432,17 +445,31 @@ class ExplainRun:
             )
         self.identical = identical
 
+    def _note_zero_gradient(self, result: Explanation) -> None:
+        """Say once when a target's score does not depend on the layer's grid: its maps are all zero."""
+        zero = result.zero_gradient[result.valid]
+        if self.zero_gradient or not bool(zero.any()):
+            return
+        self.zero_gradient = True
+        constant = bool((result.logits == result.logits[:, :1]).all())
+        why = (
+            "the model's logits are the same for every class (an untrained head?)"
+            if constant
+            else "the head does not read this layer's grid for them"
+        )
+        self.say(
+            f"note: some explained classes do not depend on layer {self.layer!r} at all (zero gradient over "
+            f"its grid), so their maps are all zero: {why}; summaries mark them zero_gradient"
+        )
+
     def _drain(self, limit: int) -> None:
         """Log finished records in input order until at most `limit` are pending."""
         pending = self.pending
-        while pending and (
-            len(pending) > limit or not isinstance(pending[0][1], Future) or pending[0][1].done()
-        ):
-            index, record = pending.popleft()
-            if isinstance(record, Future):
+        while pending and (len(pending) > limit or pending[0][2] is None or pending[0][2].done()):
+            index, record, future = pending.popleft()
+            if future is not None:
                 try:
-                    record.result()
-                    record = _done(self.items[index])
+                    future.result()
                 except (OSError, OutputError) as e:
                     self.output_error = self.output_error or describe(e)
                     record = _failed(self.items[index], f"cannot write outputs: {describe(e)}")
@@ -470,8 +497,7 @@ class ExplainRun:
             self.out.close()
         if self.output_error:
             raise OutputError(f"cannot write outputs under {self.out.root}: {self.output_error}")
-        done = f"{counts['ok']} explained, {counts['skipped']} skipped, {counts['error']} failed"
-        self.say(f"{done} -> {self.out.root}")
+        self.say(f"{'interrupted: ' if self.interrupted else ''}{self._tally(counts)} -> {self.out.root}")
         if self.report and self.job.lead:
             self.say(f"report -> {write_report(self.out.root)}")
         if lost:
@@ -483,6 +509,20 @@ class ExplainRun:
         if self.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if counts["error"] else EXIT_OK
+
+    def _tally(self, counts: dict[str, int]) -> str:
+        """The final line: explained, with no class above the threshold, skipped, failed, not reached."""
+        explained = counts["ok"] - counts["no_target"]
+        parts = [f"{explained} explained"]
+        if counts["no_target"]:
+            parts.append(
+                f"{counts['no_target']} with no class above {self.config.explain.threshold} (no heatmap)"
+            )
+        parts += [f"{counts['skipped']} skipped", f"{counts['error']} failed"]
+        unreached = len(self.items) - counts["ok"] - counts["skipped"] - counts["error"]
+        if unreached:
+            parts.append(f"{unreached} not reached")
+        return ", ".join(parts)
 
     def _merge(self, stop: StopFlag, progress: Progress) -> tuple[list[int], dict[str, int]]:
         """Rank 0: wait for the processes' reports, merge their shares, write run.json; returns the ranks
@@ -527,6 +567,8 @@ class ExplainRun:
             "layout": self.layout,
             "guarantee": self.guarantee,
             "identical_by_construction": self.identical,
+            "zero_gradient": self.zero_gradient,
+            "random_weights": self.loaded.random_weights,
             "device": str(self.device),
             "versions": {
                 "python": platform.python_version(),
@@ -535,7 +577,11 @@ class ExplainRun:
             },
             "resources": {**self.resources.to_dict(), "processes": self.job.world},
             "png_encoder": png_encoder(self.config.output.png),
-            "counts": {"inputs": total, **counts, "not_reached": total - sum(counts.values())},
+            "counts": {
+                "inputs": total,
+                **counts,
+                "not_reached": total - counts["ok"] - counts["skipped"] - counts["error"],
+            },
             "interrupted": self.interrupted,
             "timings": {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
@@ -548,8 +594,9 @@ class ExplainRun:
         self.out.write_json(self.out.root / "run.json", run)
 
 
-def _done(item: InputItem) -> dict:
-    return {"input": item.shown, "status": "ok", "summary": f"{item.key}/summary.json"}
+def _done(item: InputItem, no_target: bool = False) -> dict:
+    record = {"input": item.shown, "status": "ok", "summary": f"{item.key}/summary.json"}
+    return {**record, "no_target": True} if no_target else record
 
 
 def _skipped(item: InputItem) -> dict:
@@ -584,12 +631,14 @@ def _explain(explainer: Explainer, x: torch.Tensor, config: Config, classes: lis
         return explainer(x, methods=explain.methods, top_k=explain.top_k)
 
 
-def _submit(writers, outdir, batch, result, pictures, items, loaded, config, finger) -> dict[int, Future]:
-    """Queue one write job per good image of the batch; returns index -> future of its record."""
+def _submit(
+    writers, outdir, batch, result, pictures, items, loaded, config, finger
+) -> dict[int, tuple[dict, Future]]:
+    """Queue one write job per good image of the batch; returns index -> (its record, the job)."""
     methods = config.explain.methods
     numbers = batch_numbers(result, batch.boxes, config.model.multilabel)
     raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if config.output.save_raw else None
-    jobs = []
+    jobs, records = [], []
     for row, index in enumerate(batch.indices):
         item, image = items[index], batch.images[row]
         base = {
@@ -603,6 +652,7 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
             "target_layer": result.target_layer,
             "layout": result.layout.to_dict(),
             "fingerprint": finger,
+            "random_weights": loaded.random_weights,
         }
 
         def files(method: str, cls: int, key: str = item.key) -> tuple[str, str | None]:
@@ -610,8 +660,15 @@ def _submit(writers, outdir, batch, result, pictures, items, loaded, config, fin
                 f"{key}/{method}-{cls}.npy" if raw_maps is not None else None
             )
 
-        summary = image_summary(numbers, row, base, methods, loaded.labels, result.guarantee, files)
+        threshold = config.explain.threshold
+        summary = image_summary(
+            numbers, row, base, methods, loaded.labels, result.guarantee, files, threshold
+        )
         columns = [t for t, valid in enumerate(numbers["valid"][row]) if valid]  # of summary["targets"]
         raw = {m: raw_maps[m][row, columns] for m in methods} if raw_maps is not None else None
         jobs.append(ImageJob(item.key, summary, row, columns, raw))
-    return dict(zip(batch.indices, writers.submit(outdir, pictures, jobs), strict=True))
+        records.append(_done(item, "no_target" in summary))
+    futures = writers.submit(outdir, pictures, jobs)
+    return {
+        index: (record, future) for index, record, future in zip(batch.indices, records, futures, strict=True)
+    }

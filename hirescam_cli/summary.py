@@ -63,6 +63,7 @@ def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[
         "gap": result.completeness_gap,
         "prefix_sum": result.prefix_sum,
         "identical": result.identical_by_construction,
+        "zero_gradient": result.zero_gradient,
     }
     for name, maps in result.maps.items():
         numbers[f"{name}.min"] = maps.amin((-2, -1))
@@ -80,11 +81,19 @@ def label_of(labels: list[str] | None, index: int) -> str:
 
 
 def image_summary(
-    numbers: dict[str, Any], row: int, base: dict, methods: tuple[str, ...], labels, guarantee: bool, files
+    numbers: dict[str, Any],
+    row: int,
+    base: dict,
+    methods: tuple[str, ...],
+    labels,
+    guarantee: bool,
+    files,
+    threshold: float | None = None,
 ) -> dict:
     """The summary of image `row` of a batch: `base` fields plus predictions and targets.
 
-    `files(method, class)` gives the (png, raw) paths of a map, relative to OUT.
+    `files(method, class)` gives the (png, raw) paths of a map, relative to OUT. With a `threshold`
+    that no class passes, `no_target` says so, with the best class and its probability.
     """
     predictions = [
         {"class": c, "label": label_of(labels, c), "logit": _g(lg), "probability": _g(p)}
@@ -116,6 +125,7 @@ def image_summary(
             "hirescam_prefix_sum": _g(numbers["prefix_sum"][row][t]),
             "guarantee": guarantee,
             "identical_by_construction": numbers["identical"][row][t],
+            "zero_gradient": numbers["zero_gradient"][row][t],
             "maps": maps,
         }
         if "pearson" in numbers:
@@ -124,4 +134,13 @@ def image_summary(
                 "top20_iou": _g(numbers["iou"][row][t]),
             }
         targets.append(target)
-    return {**base, "predictions": predictions, "targets": targets}
+    summary = {**base, "predictions": predictions, "targets": targets}
+    if not targets and threshold is not None:
+        best = predictions[0]
+        summary["no_target"] = {
+            "threshold": threshold,
+            "best_class": best["class"],
+            "best_label": best["label"],
+            "best_probability": best["probability"],
+        }
+    return summary

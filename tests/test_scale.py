@@ -22,8 +22,8 @@ from hirescam_cli import outputs, resources
 from hirescam_cli.data import ImageDataset, ImageError, Preprocess, decode, make_loader
 from hirescam_cli.discovery import InputError, catalogue, discover
 from hirescam_cli.distributed import Share
+from hirescam_cli.errors import EXIT_LOCKED, EXIT_RANK_LOST
 from hirescam_cli.lock import OutLock, OutputLocked
-from hirescam_cli.pipeline import EXIT_LOCKED, EXIT_RANK_LOST
 
 TESTS = Path(__file__).parent
 TIMEOUT = 240  # seconds any subprocess may take before the test fails (and kills it): nothing hangs

@@ -51,21 +51,28 @@ def test_unknown_timm_name_suggests_the_closest():
         load_model(ModelConfig(arch="timm:test_vitt"))
 
 
-def test_timm_weights_offline_say_to_pass_a_checkpoint(tmp_path, capsys, monkeypatch):
-    real = timm.create_model
+def test_timm_weights_offline_fail_at_once_and_say_to_pass_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """Offline and not cached: one line naming the checkpoint flag, and the hub is never asked (no retries)."""
+    real, attempts, hub = timm.create_model, [], []
 
-    def offline(name, pretrained=False, **kwargs):
-        if pretrained:
-            raise OSError("Name or service not known")
-        return real(name, **kwargs)
+    def no_network(address, *_args, **_kwargs):
+        attempts.append(address)
+        raise OSError("Name or service not known")
 
-    monkeypatch.setattr(timm, "create_model", offline)
+    def counted(name, pretrained=False, **kwargs):
+        hub.append(pretrained)
+        return real(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr("socket.create_connection", no_network)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *_a, **_k: None)
+    monkeypatch.setattr(timm, "create_model", counted)
     rgb(20, 20).save(tmp_path / "x.png")
     code, _, err = run(
         ["explain", tmp_path / "x.png", "-o", tmp_path / "out", "--model", "timm:test_vit"], capsys
     )
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "cannot get timm weights for test_vit" in err and "set model.checkpoint (--checkpoint)" in err
+    assert "cannot download timm weights for test_vit" in err and "set model.checkpoint (--checkpoint)" in err
+    assert attempts == [("huggingface.co", 443)] and True not in hub
     assert not (tmp_path / "out").exists()
 
 

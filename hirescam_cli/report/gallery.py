@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from ..outputs import OutputError, describe
 from .run_files import Entry, Run, read_run
-from .site import STATIC, environment, method_name, write_atomic
+from .site import STATIC, environment, fixed, method_name, write_atomic
 from .thumbnails import THUMB_SIDE, VIEW_SIDE, Thumbnails
 
 PAGE_SIZE = 48  # cards per page: the DOM never holds more
@@ -68,9 +68,10 @@ def image_record(root: Path, entry: Entry, methods: list[str], thumbs: Thumbnail
     """One image as the page shows it (short keys: data.js holds one per input).
 
     i: input order, n: name, s: status, e: error, w/h: size, o/v: original thumbnail/view,
-    t: targets, each c: class, l: label, p: probability, g: completeness gap, r: Pearson r and
-    u: top-20% IoU of HiResCAM vs Grad-CAM, f: HiResCAM's prefix-token sum, x: identical by
-    construction, m: per method [thumbnail, full-size link] (null where the method is absent).
+    z: why no class is explained (when t is empty), t: targets, each c: class, l: label,
+    p: probability, g: completeness gap, r: Pearson r and u: top-20% IoU of HiResCAM vs Grad-CAM,
+    f: HiResCAM's prefix-token sum, x: identical by construction, m: per method [thumbnail,
+    full-size link] (null where the method is absent).
     """
     record: dict[str, Any] = {"i": entry.index, "n": entry.name, "s": entry.status}
     if entry.summary is None:
@@ -82,7 +83,18 @@ def image_record(root: Path, entry: Entry, methods: list[str], thumbs: Thumbnail
     original = thumbs.add(Path(source), (THUMB_SIDE, VIEW_SIDE), "input:" + source, original=True)
     record["o"], record["v"] = original or (None, None)
     record["t"] = [_target(root, target, methods, thumbs) for target in summary.get("targets", [])]
+    if not record["t"]:
+        record["z"] = _why_none(summary)
     return record
+
+
+def _why_none(summary: dict[str, Any]) -> str:
+    """Why an image has no explained class: none passed the threshold (naming the best), or none was asked."""
+    none = summary.get("no_target")
+    if not isinstance(none, dict):
+        return "no class explained"
+    best = f"{none.get('best_label', none.get('best_class'))}, p {fixed(none.get('best_probability'), 3)}"
+    return f"no class above the threshold {none.get('threshold')} (best: {best})"
 
 
 def _target(root: Path, target: dict[str, Any], methods: list[str], thumbs: Thumbnails) -> dict[str, Any]:

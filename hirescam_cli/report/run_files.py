@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..errors import UsageError
 from ..outputs import RESERVED
 
 
-class ReportError(ValueError):
+class ReportError(UsageError):
     """OUT holds no run to report on (a usage error)."""
 
 

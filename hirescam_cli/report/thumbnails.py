@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..data import _rgb_array  # the run's own conversion of every mode to RGB
+from ..pixels import rgb_array  # the run's own conversion of every mode to RGB
 
 THUMB_SIDE = 160  # grid thumbnails (shown at 128 CSS pixels): longest side in pixels
 VIEW_SIDE = 640  # the original as the viewer shows it (the run's overlays are linked as they are)
@@ -105,7 +105,7 @@ def _make(task: tuple[str, Job]) -> list[str]:
             if job.original:
                 image.draft("RGB", (max(s for _, s in job.outputs),) * 2)  # JPEG: decode at a reduced scale
                 image = ImageOps.exif_transpose(image)
-            picture = Image.fromarray(_rgb_array(image)) if job.original else image.convert("RGB")
+            picture = Image.fromarray(rgb_array(image)) if job.original else image.convert("RGB")
     except Exception:  # an unreadable or changed source: the card says so instead
         return []
     made = []

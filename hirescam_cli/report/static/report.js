@@ -134,7 +134,7 @@
           el("span", { title: "top-20% IoU of HiResCAM and Grad-CAM" }, "IoU " + fixed(t.u, 2))),
         maps));
     }
-    if (!(r.t || []).length) targets.append(el("p", { class: "none" }, "no class explained"));
+    if (!(r.t || []).length) targets.append(el("p", { class: "none" }, r.z || "no class explained"));
     card.append(body);
     return card;
   }
