@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from test_cli import config, rgb, run
 
+from hirescam_cli import data
 from hirescam_cli.data import decode
 from hirescam_cli.discovery import discover
 
@@ -110,14 +111,14 @@ def outputs(out: Path, record: dict) -> tuple[dict, dict[str, bytes]]:
 def test_bad_input_corpus_ends_as_outputs_or_clear_errors(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus"
     expect = build_corpus(corpus)
-    locked, read_bytes = corpus / "locked.png", Path.read_bytes
+    locked, read_file = corpus / "locked.png", data.read_file
 
-    def denied_for_locked(self: Path) -> bytes:
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return read_bytes(self)
+    def denied_for_locked(path: Path, max_bytes: int | None) -> bytes:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_file(path, max_bytes)
 
-    monkeypatch.setattr(Path, "read_bytes", denied_for_locked)  # workers = 0: reads happen in-process
+    monkeypatch.setattr(data, "read_file", denied_for_locked)  # workers = 0: reads happen in-process
     flags = ["-c", config(tmp_path), "--max-pixels", MAX_PIXELS, "--methods", "hirescam,gradcam"]
     out = tmp_path / "out"
     code, _, err = run(["explain", corpus, "-o", out, *flags], capsys)
@@ -314,3 +315,28 @@ def test_symlink_inside_out_is_not_followed(tmp_path, capsys):
     assert code in (1, 3) and "Traceback" not in err
     assert list(away.iterdir()) == []
     assert (out / "results.jsonl").is_file() and not (out / ".tmp").exists()
+
+
+@pytest.mark.parametrize("path", ["/proc", "/proc/self/environ", "/sys/kernel", "/dev/zero", "/dev"])
+def test_the_kernels_virtual_files_are_refused_as_inputs(tmp_path, capsys, path):
+    code, _, err = run(["explain", path, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "a virtual file system of the kernel" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_named_pipe_is_refused_as_an_argument_and_an_error_line_when_listed(tmp_path, capsys):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)  # opening it to read would wait for a writer forever
+    code, _, err = run(["explain", pipe, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "is a named pipe, not an image file" in err
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16)).save(good)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{good}\n{pipe}\n")
+    args = ["explain", "--inputs-from", listing, "-o", tmp_path / "out", "-c", config(tmp_path)]
+    code, _, err = run(args, capsys)
+    assert code == 1, err
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "error"]
+    assert records[1]["error"] == "not a regular file but a named pipe"

@@ -384,3 +384,58 @@ def test_threshold_targets_each_get_their_own_class_map(tmp_path, capsys):
                 raw = np.load(tmp_path / "out" / target["maps"]["hirescam"]["raw"])
                 np.testing.assert_allclose(raw, expected.numpy(), rtol=1e-4, atol=1e-6)
     assert len(counts) > 1, "the images should differ in how many classes pass"
+
+
+def test_inputs_with_no_class_above_the_threshold_are_accounted_for(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        rgb(16, 16, seed=i).save(images / f"{i}.png")
+    cfg = config(tmp_path, extra="")
+    cfg.write_text(cfg.read_text().replace("[model]\n", "[model]\nmultilabel = true\n"))
+    out = tmp_path / "out"
+    code, _, err = run(["explain", images, "-o", out, "-c", cfg, "--threshold", "1.0", "--report"], capsys)
+    assert code == 0, err
+    assert "0 explained, 3 with no class above 1.0 (no heatmap), 0 skipped, 0 failed" in err
+    for record in map(json.loads, (out / "results.jsonl").read_text().splitlines()):
+        assert record["status"] == "ok" and record["no_target"] is True
+        summary = json.loads((out / record["summary"]).read_text())
+        assert summary["targets"] == [] and not list((out / record["summary"]).parent.glob("*.png"))
+        best = summary["predictions"][0]
+        assert summary["no_target"] == {
+            "threshold": 1.0,
+            "best_class": best["class"],
+            "best_label": best["label"],
+            "best_probability": best["probability"],
+        }
+    assert json.loads((out / "run.json").read_text())["counts"]["no_target"] == 3
+    page = (out / "report" / "index.html").read_text()
+    assert page.count("no class above the threshold 1.0 (best: ") == 3
+
+
+@pytest.mark.parametrize(
+    "preprocess, message",
+    [
+        ("resize = 16\ncrop = 20", "preprocess.crop = 20 is larger than preprocess.resize = 16"),
+        ("resize = [16, 16]\ncrop = [12, 20]", "preprocess.crop = [12, 20] is larger than preprocess.resize"),
+        ("crop = 300", "preprocess.crop = 300 is larger than the resize of 256 (the default)"),
+    ],
+)
+def test_a_crop_larger_than_the_resize_is_refused_naming_both(tmp_path, capsys, preprocess, message):
+    text = CONFIG.format(factory="tiny_net")
+    start, end = text.index("[preprocess]"), text.index("[explain]")
+    (tmp_path / "c.toml").write_text(text[:start] + "[preprocess]\n" + preprocess + "\n" + text[end:])
+    rgb(16, 16).save(tmp_path / "x.png")
+    args = ["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", tmp_path / "c.toml"]
+    code, _, err = run(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
+    rgb(16, 16).save(tmp_path / "x.png")
+    (tmp_path / "out.txt").write_text("not a folder")
+    code, _, err = run(["explain", tmp_path / "x.png", "-o", tmp_path / "out.txt"], capsys)
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["eval", tmp_path / "x.png", "-o", tmp_path / "out.txt"], capsys)
+    assert code == 2 and "is a file, not a folder" in err

@@ -106,6 +106,8 @@ def test_ctrl_c_stops_at_a_batch_boundary_with_exit_130(tmp_path, workers):
     assert run_info["interrupted"] is True and run_info["counts"]["ok"] == len(records)
     assert not (out / ".tmp").exists()
     assert b"Traceback" not in err
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("hirescam: interrupted: ") and f"{40 - len(records)} not reached" in last
 
 
 def test_disk_full_stops_with_one_error_and_a_consistent_ledger(tmp_path, capsys, monkeypatch):

@@ -52,7 +52,7 @@ def test_unknown_timm_name_suggests_the_closest():
 
 
 def test_timm_weights_offline_fail_at_once_and_say_to_pass_a_checkpoint(tmp_path, capsys, monkeypatch):
-    """Offline and not cached: one line naming the checkpoint flag, and the hub is never asked (no retries)."""
+    """Offline and not cached: one line naming the checkpoint flag; the hub is never asked (no retries)."""
     real, attempts, hub = timm.create_model, [], []
 
     def no_network(address, *_args, **_kwargs):

@@ -82,6 +82,16 @@ def tiny_vit() -> nn.Module:
     return model
 
 
+def untrained_vit() -> nn.Module:
+    """tiny_vit as torchvision builds it: an all-zero head, so no score depends on any token."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    )
+
+
 def tiny_swin() -> nn.Module:
     """A torchvision SwinTransformer for 32x32 inputs: channels-last stages of 8x8 and 4x4."""
     import torchvision
