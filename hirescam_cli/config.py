@@ -353,8 +353,14 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         if key in ("checkpoint", "labels"):
             value = str(Path(value).resolve())
         raw.setdefault(section, {})[key] = value
-    if "explain.classes" in flags:
-        raw["explain"].pop("threshold", None)
-    if "explain.threshold" in flags:
-        raw["explain"].pop("classes", None)
+    chosen = [key for key in SELECTION if f"explain.{key}" in flags]
+    if len(chosen) > 1:
+        raise ConfigError(f"give one of --top-k, --classes, --threshold, not {' and '.join(chosen)}")
+    for key in chosen:  # a selection given as a flag replaces the config's
+        for other in SELECTION:
+            if other != key:
+                raw["explain"].pop(other, None)
     return build(raw, base, source=path)
+
+
+SELECTION = ("top_k", "classes", "threshold")  # how [explain] picks the classes: one of these

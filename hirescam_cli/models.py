@@ -139,9 +139,11 @@ def _from_torchvision(config: ModelConfig, weights: Any) -> nn.Module:
             f"model.arch = {arch!r} is not a torchvision classification model (e.g. resnet50, vgg16)"
         )
     kwargs = {} if config.num_classes is None else {"num_classes": config.num_classes}
+    download = weights is not None and not config.checkpoint
+    if download:
+        _offline_check(weights.url, f"torchvision weights {weights}")
     module = _seeded(lambda: torchvision.models.get_model(arch, weights=None, **kwargs))
-    if weights is not None and not config.checkpoint:
-        _offline_check(weights.url, f"torchvision weights {weights}", "the file it names")
+    if download:
         try:
             state = weights.get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
@@ -154,13 +156,13 @@ def _from_torchvision(config: ModelConfig, weights: Any) -> nn.Module:
     return module
 
 
-def _offline_check(url: str, what: str, download: str) -> None:
+def _offline_check(url: str, what: str) -> None:
     """ModelError at once when `url` is not in torch's cache and its host cannot be reached."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
     if not os.path.exists(cached) and not reachable(urlparse(url).hostname or ""):
         raise ModelError(
             f"cannot download {what}: {urlparse(url).hostname} cannot be reached (offline?); download "
-            f"{download} elsewhere and set model.checkpoint (--checkpoint) to it, or model.weights = "
+            f"{url} elsewhere and set model.checkpoint (--checkpoint) to the file, or model.weights = "
             '"none" (--weights none) for random weights'
         )
 
@@ -263,7 +265,7 @@ def _timm_source(arch: str) -> dict:
             )
         return {}
     if cfg.url:
-        _offline_check(cfg.url, f"timm weights for {arch}", cfg.url)
+        _offline_check(cfg.url, f"timm weights for {arch}")
     return {}
 
 

@@ -439,3 +439,16 @@ def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(["eval", tmp_path / "x.png", "-o", tmp_path / "out.txt"], capsys)
     assert code == 2 and "is a file, not a folder" in err
+
+
+def test_a_selection_flag_replaces_the_configs_and_two_are_refused(tmp_path, capsys):
+    rgb(16, 16).save(tmp_path / "x.png")
+    cfg = config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[model]\n", "[model]\nmultilabel = true\n") + "threshold = 1.0\n")
+    out = tmp_path / "out"
+    code, _, err = run(["explain", tmp_path / "x.png", "-o", out, "-c", cfg, "--top-k", "2"], capsys)
+    assert code == 0, err
+    assert len(json.loads((out / "x.png" / "summary.json").read_text())["targets"]) == 2
+    args = ["explain", tmp_path / "x.png", "-o", out, "-c", cfg, "--top-k", "2", "--classes", "1"]
+    code, _, err = run(args, capsys)
+    assert code == 2 and "give one of --top-k, --classes, --threshold" in err
