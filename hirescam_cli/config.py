@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .engine.methods import METHODS
 from .errors import UsageError
-from .methods import METHODS
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "demo.toml"
 Size = int | tuple[int, int]

@@ -11,7 +11,7 @@ from PIL import Image
 from .config import Config, ConfigError
 from .data import ImageDataset, Preprocess, make_loader
 from .discovery import InputItem, discover
-from .methods import METHODS
+from .engine.methods import METHODS
 from .metrics import TOP_FRACTION, UNUSED_FRACTION, deletion_insertion, fidelity, localisation, summarise
 from .models import load_model
 from .outputs import OutputDir

@@ -6,8 +6,8 @@ import torch
 
 from .config import Config
 from .engine import Explainer
-from .layers import choose_auto, probe_input, trace_layers
-from .layouts import layout_spec
+from .engine.layers import choose_auto, probe_input, trace_layers
+from .engine.layouts import layout_spec
 from .models import load_model
 from .pipeline import make_preprocess
 

@@ -27,8 +27,8 @@ from .data import Batch, ImageDataset, Preprocess, make_loader
 from .discovery import Catalogue, InputItem
 from .distributed import Job
 from .engine import Explainer, Explanation
+from .engine.layouts import layout_spec
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RANK_LOST
-from .layouts import layout_spec
 from .lock import OutLock
 from .models import LoadedModel, load_model
 from .outputs import (
