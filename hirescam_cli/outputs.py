@@ -1,7 +1,7 @@
 """The output folder: its layout, atomic writes, resume checks and the run's ledgers.
 
 Layout under OUT, for an input whose key is `a/cat.jpg`:
-    a/cat.jpg/summary.json           the per-image summary (written last)
+    a/cat.jpg/summary.json           the per-image summary: it lists every other file of the folder
     a/cat.jpg/<method>-<class>.png   one heatmap overlay per method and target
     a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
     results.jsonl                    one line per input, in input order
@@ -9,10 +9,15 @@ Layout under OUT, for an input whose key is `a/cat.jpg`:
     .lock                            the OUT lock (lock.py)
     report/, eval.html               the HTML report and eval page (hirescam_cli.report)
 Each process writes its temporary files in a folder of its own under OUT/.tmp and renames them into
-place, so a reader never sees half a file and no run touches another's files.
+place, so a reader never sees half a file and no run touches another's files. An input's folder is
+written whole: its complete set of outputs goes to a staging folder in the temp folder, which then takes
+the folder's place in one atomic step (``OutputDir.replacing``), so OUT/<key> always holds exactly the
+files its summary lists (subfolders aside: the folders of inputs whose keys extend this one's).
 """
 
 import contextlib
+import ctypes
+import errno
 import heapq
 import io
 import itertools
@@ -37,6 +42,7 @@ except ImportError:  # the fast encoder is optional: PNGs then come from zlib (-
     fpng = None
 
 SCHEMA = "hirescam-cli/summary/1"
+SUMMARY_NAME = "summary.json"
 LOCK_NAME = ".lock"
 # names under OUT that no input key takes
 RESERVED = ("results.jsonl", "run.json", "eval.json", "eval.html", "report", ".tmp", LOCK_NAME)
@@ -60,6 +66,45 @@ def encode_png(pixels: np.ndarray, kind: str = "fast") -> bytes:
 def png_encoder(kind: str) -> str:
     """The encoder `kind` gets here: "fpng", or "zlib" (asked for, or fpng cannot be imported)."""
     return "fpng" if kind == "fast" and fpng is not None else "zlib"
+
+
+def _libc_renameat2() -> Any:
+    """libc's renameat2 (Linux, glibc 2.28 and later), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _libc_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one atomic step (renameat2 with RENAME_EXCHANGE); OSError where that cannot be."""
+    if _RENAMEAT2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available here")
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def can_exchange(folder: Path) -> bool:
+    """Whether the file system of `folder` swaps two folders atomically: tried once, on two empty ones."""
+    a, b = folder / "exchange-a", folder / "exchange-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        exchange(a, b)
+    except OSError:  # EINVAL, ENOSYS, EOPNOTSUPP: not here (other systems, some network file systems)
+        return False
+    finally:
+        a.rmdir()
+        b.rmdir()
+    return True
 
 
 def temp_root(root: Path) -> Path:
@@ -104,6 +149,7 @@ class OutputDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir(parents=True)
+            self.atomic_exchange = can_exchange(self.tmp)  # decided once; writer processes get it pickled
         except OSError as e:
             raise OutputError(f"cannot use output folder {self.root}: {describe(e)}") from None
         self._real_root = self.root.resolve()
@@ -113,7 +159,12 @@ class OutputDir:
         return self.root / key
 
     def summary_path(self, key: str) -> Path:
-        return self.folder(key) / "summary.json"
+        return self.folder(key) / SUMMARY_NAME
+
+    def create(self, path: Path, data: bytes) -> None:
+        """Write a new file where nothing reads it yet (a temp file, a staging folder)."""
+        with open(path, "xb") as f:
+            f.write(data)
 
     def write(self, path: Path, data: bytes) -> None:
         """Write bytes to path atomically: a temp file in OUT/.tmp, then a rename."""
@@ -121,27 +172,78 @@ class OutputDir:
         if not parent.resolve().is_relative_to(self._real_root):
             raise OutputError(f"refusing to write {path}: it resolves outside {self.root}")
         parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            temp = self.tmp / f"{os.getpid()}-{next(self._names)}"
+        temp = self._temp_path()
         try:
-            with open(temp, "wb") as f:
-                f.write(data)
+            self.create(temp, data)
             os.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
 
-    def write_png(self, path: Path, pixels: np.ndarray) -> None:
-        """An (H, W, 3) uint8 array as a PNG, encoded the same way every time."""
-        self.write(path, encode_png(pixels, self.png))
-
-    def write_npy(self, path: Path, array: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        self.write(path, buffer.getvalue())
-
     def write_json(self, path: Path, value: Any) -> None:
-        self.write(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
+        self.write(path, json_bytes(value))
+
+    @contextlib.contextmanager
+    def replacing(self, key: str) -> Iterator[Path]:
+        """A staging folder for the complete new set of one input's outputs; when the block ends without an
+        error it takes the place of OUT/<key> in one atomic step, and the set it replaced is removed."""
+        target = self._folder_target(key)
+        staging = self._temp_path()
+        staging.mkdir()
+        try:
+            yield staging
+            for old in self._commit(staging, target):
+                _carry_folders(old, target)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # a failed new set (or, exchanged, the old one)
+
+    def _folder_target(self, key: str) -> Path:
+        """Where OUT/<key> really is: links inside OUT are followed, as every write here does; one that leads
+        outside OUT, onto OUT itself or onto a name OUT uses is refused, and so is a file in the way."""
+        folder = self.folder(key)
+        try:
+            real = folder.resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a link loop
+            raise OutputError(f"cannot write {folder}: {describe(e)}") from None
+        if not real.is_relative_to(self._real_root):
+            raise OutputError(f"refusing to write {folder}: it resolves outside {self.root}")
+        inside = real.relative_to(self._real_root).parts
+        if not inside or inside[0] in RESERVED:
+            raise OutputError(f"refusing to write {folder}: it resolves to {real}, which OUT uses itself")
+        if real.exists() and not real.is_dir():
+            raise OutputError(f"refusing to replace {folder}: it exists and is not a folder")
+        return real
+
+    def _commit(self, staging: Path, target: Path) -> list[Path]:
+        """Put the folder `staging` at `target` in one atomic step; returns where the sets it replaced are.
+
+        Without an atomic exchange the old folder is moved aside first: a kill between that rename and the
+        next leaves no folder at all (the input is then not done, and the next run redoes it), never a mix.
+        """
+        target.parent.mkdir(parents=True, exist_ok=True)
+        replaced = []
+        while True:
+            try:
+                os.rename(staging, target)  # no folder there (or an empty one)
+                return replaced
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            try:
+                if self.atomic_exchange:
+                    exchange(staging, target)
+                    return [*replaced, staging]
+                aside = self._temp_path()
+                os.rename(target, aside)
+                replaced.append(aside)
+            except FileNotFoundError:  # the folder went meanwhile: rename into its place
+                continue
+
+    def _temp_path(self) -> Path:
+        """A fresh name in this process's temp folder."""
+        with self._lock:
+            return self.tmp / f"{os.getpid()}-{next(self._names)}"
 
     def close(self) -> None:
         """Remove this process's temp folder, and OUT/.tmp itself when no other process has one there."""
@@ -164,17 +266,62 @@ class OutputDir:
 
 
 def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's PNGs (and raw maps), then its summary last, so a summary means complete.
+    """Write one image's complete set of outputs (PNGs, raw maps, summary), replacing OUT/<key> at once.
 
     `pictures[method]` is uint8 (T, H, W, 3) and `raw_maps[method]` float32 (T, h, w) (or None),
     where T runs over summary["targets"] in order.
     """
-    for t, target in enumerate(summary["targets"]):
-        for method, files in target["maps"].items():
-            outdir.write_png(outdir.root / files["png"], pictures[method][t])
-            if raw_maps is not None:
-                outdir.write_npy(outdir.root / files["raw"], raw_maps[method][t])
-    outdir.write_json(outdir.summary_path(key), summary)
+    with outdir.replacing(key) as staging:
+        for t, target in enumerate(summary["targets"]):
+            for method, files in target["maps"].items():
+                png = encode_png(pictures[method][t], outdir.png)
+                outdir.create(staging / _own_name(key, files["png"]), png)
+                if raw_maps is not None:
+                    outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
+        outdir.create(staging / SUMMARY_NAME, json_bytes(summary))
+
+
+def _own_name(key: str, path: str) -> str:
+    """The file name of a path (relative to OUT) that a summary lists in its own folder."""
+    folder, _, name = path.rpartition("/")
+    if folder != key or name in ("", ".", "..", SUMMARY_NAME):
+        raise OutputError(f"refusing to write {path}: it lies outside the folder of {key}")
+    return name
+
+
+def listed_files(summary: dict) -> set[str]:
+    """The names of the files a summary says its folder holds, summary.json included."""
+    names = {SUMMARY_NAME}
+    for target in summary["targets"]:
+        for files in target["maps"].values():
+            names.update(path.rpartition("/")[2] for path in (files["png"], files["raw"]) if path)
+    return names
+
+
+def folder_files(folder: Path) -> set[str]:
+    """The names of the files in a folder (its subfolders hold other inputs' outputs)."""
+    with os.scandir(folder) as entries:
+        return {entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)}
+
+
+def _carry_folders(old: Path, new: Path) -> None:
+    """Move the folders inside a replaced set (the outputs of inputs whose keys extend this one's) into the
+    new set; one that was redone meanwhile already has its new folder there, which stays."""
+    with os.scandir(old) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rename(entry.path, new / entry.name)
+
+
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def new_counts() -> dict[str, int]:

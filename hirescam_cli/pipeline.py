@@ -33,10 +33,13 @@ from .lock import OutLock
 from .models import LoadedModel, load_model
 from .outputs import (
     SCHEMA,
+    SUMMARY_NAME,
     OutputDir,
     OutputError,
     ResultsLog,
     describe,
+    folder_files,
+    listed_files,
     merge_results,
     png_encoder,
     remove_stale_temp,
@@ -175,17 +178,21 @@ def fingerprint(config: Config, model: LoadedModel, preprocess: Preprocess) -> s
 
 @dataclass(frozen=True)
 class ResumeCheck:
-    """Picklable test, run in the loader's workers: is this input already done with this config?"""
+    """Picklable test, run in the loader's workers: is this input already done with this config, its folder
+    holding exactly the files its summary lists (a folder that holds more or less is redone)?"""
 
     root: Path
     fingerprint: str
 
     def __call__(self, item: InputItem, sha256: str) -> bool:
+        folder = self.root / item.key
         try:
-            summary = json.loads((self.root / item.key / "summary.json").read_bytes())
-        except (OSError, ValueError):
+            summary = json.loads((folder / SUMMARY_NAME).read_bytes())
+            if summary.get("sha256") != sha256 or summary.get("fingerprint") != self.fingerprint:
+                return False
+            return listed_files(summary) == folder_files(folder)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        return summary.get("sha256") == sha256 and summary.get("fingerprint") == self.fingerprint
 
 
 class Progress:

@@ -45,7 +45,12 @@ class Writers:
             self.pool: Executor = ProcessPoolExecutor(
                 processes, mp_context=context, initializer=_leave_signals_to_the_run
             )
-            self.pool.submit(int).result()
+            # The writers start with the run's signals blocked, so none can arrive before they ignore them.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS)
+            try:
+                self.pool.submit(int).result()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         else:
             self.pool = ThreadPoolExecutor(threads, thread_name_prefix="hirescam-writer")
         self._free: list[shared_memory.SharedMemory] = []
@@ -120,8 +125,12 @@ def _write_shared(outdir: OutputDir, job: ImageJob, shared: dict) -> None:
     _write_own(outdir, job, pictures)
 
 
+_RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _leave_signals_to_the_run() -> None:
     """Writer processes leave Ctrl-C and SIGTERM (a scheduler stopping the whole job) to the run, which
     stops at a batch boundary and waits for them, as the decoding workers do."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for number in _RUN_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)

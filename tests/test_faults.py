@@ -112,15 +112,15 @@ def test_ctrl_c_stops_at_a_batch_boundary_with_exit_130(tmp_path, workers):
 
 def test_disk_full_stops_with_one_error_and_a_consistent_ledger(tmp_path, capsys, monkeypatch):
     images = folder(tmp_path / "images", 12)
-    real_write, calls = OutputDir.write, []
+    real_create, calls = OutputDir.create, []
 
-    def filling_write(self, path, data):
+    def filling_create(self, path, data):
         calls.append(path)
         if len(calls) > 10:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, path, data)
+        real_create(self, path, data)
 
-    monkeypatch.setattr(OutputDir, "write", filling_write)
+    monkeypatch.setattr(OutputDir, "create", filling_create)
     out = tmp_path / "out"
     code, _, err = run(["explain", images, "-o", out, "-c", config(tmp_path)], capsys)
     assert code == 3
