@@ -25,9 +25,9 @@ from hirescam_cli import resources
 from hirescam_cli.config import build
 from hirescam_cli.data import ImageDataset, make_loader
 from hirescam_cli.discovery import discover
-from hirescam_cli.models import load_model
 from hirescam_cli.pipeline import make_preprocess, pick_device
 from hirescam_cli.run import run_explain
+from hirescam_cli.sources import load_model
 
 
 def make_images(folder: Path, count: int) -> None:

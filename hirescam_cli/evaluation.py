@@ -13,11 +13,11 @@ from .data import ImageDataset, Preprocess, make_loader
 from .discovery import InputItem, discover
 from .engine.methods import METHODS
 from .metrics import TOP_FRACTION, UNUSED_FRACTION, deletion_insertion, fidelity, localisation, summarise
-from .models import load_model
 from .outputs import OutputDir
 from .pipeline import Progress, _open_explainer, class_ids, make_preprocess, pick_device
 from .report import write_eval_page
 from .resources import choose as choose_resources
+from .sources import load_model
 
 FIDELITY = ("rank_correlation", "unused_mass", "missed_evidence")
 LOCALISATION = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")

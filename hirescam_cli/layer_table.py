@@ -8,8 +8,8 @@ from .config import Config
 from .engine import Explainer
 from .engine.layers import choose_auto, probe_input, trace_layers
 from .engine.layouts import layout_spec
-from .models import load_model
 from .pipeline import make_preprocess
+from .sources import load_model
 
 
 def layer_table(settings: Config) -> Iterator[str]:

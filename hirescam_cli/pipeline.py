@@ -30,7 +30,6 @@ from .engine import Explainer, Explanation
 from .engine.layouts import layout_spec
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RANK_LOST
 from .lock import OutLock
-from .models import LoadedModel, load_model
 from .outputs import (
     SCHEMA,
     SUMMARY_NAME,
@@ -47,6 +46,8 @@ from .outputs import (
 )
 from .report import write_report
 from .resources import choose as choose_resources
+from .sources import load_model
+from .sources.common import LoadedModel
 from .summary import batch_numbers, image_summary
 from .writers import ImageJob, Writers
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hirescam_cli.layers import trace_layers
 from test_cli import config, rgb, run
 from tiny_models import gap_net, tiny_net, tiny_swin, tiny_vit
 from torch import nn
 
 from hirescam_cli import Explainer
 from hirescam_cli.engine import constant_over_grid, occluded_copies
-from hirescam_cli.layers import trace_layers
 from hirescam_cli.metrics import fidelity, rank_correlation
 
 SAMPLES = Path(__file__).parent.parent / "sample_images"

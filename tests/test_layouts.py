@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
-
 from hirescam_cli.layouts import Layout, LayoutError, LayoutSpec, ModelHints, infer, module_evidence
+from torch import nn
 
 HINTS_224 = ModelHints(input_size=(224, 224))
 

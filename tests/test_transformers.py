@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from hirescam_cli.layers import choose_auto, probe_input, trace_layers
+from hirescam_cli.layouts import Layout, LayoutSpec
 from torch import nn
 
 from hirescam_cli import METHODS, Explainer
-from hirescam_cli.layers import choose_auto, probe_input, trace_layers
-from hirescam_cli.layouts import Layout, LayoutSpec
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
