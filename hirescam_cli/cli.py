@@ -110,6 +110,7 @@ def cli() -> None:
 @click.option("--signed/--no-signed", default=None, help="Show HiResCAM signed, zero at the colormap centre.")
 @click.option("--save-raw/--no-save-raw", default=None, help="Also write raw maps as float32 .npy.")
 @click.option("--png", type=click.Choice(["fast", "small"]), help="PNG encoder: fast (fpng) or small (zlib).")
+@click.option("--max-side", type=int, help="Overlays of larger images are scaled down to this long side.")
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels than this.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -138,6 +139,7 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
         "render.signed": flags["signed"],
         "output.save_raw": flags["save_raw"],
         "output.png": flags["png"],
+        "output.max_side": flags["max_side"],
         "preprocess.max_pixels": flags["max_pixels"],
     }
     settings = load(config, overrides)

@@ -165,17 +165,24 @@ class OutputDir:
         self.__dict__.update(state, _lock=threading.Lock(), _names=itertools.count())
 
 
-def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's PNGs (and raw maps), then its summary last, so a summary means complete.
+def write_maps(outdir: OutputDir, summary: dict, pictures, raw_maps) -> None:
+    """Write some of one image's PNGs (and raw maps): a huge image's come in several parts.
 
-    `pictures[method]` is uint8 (T, H, W, 3) and `raw_maps[method]` float32 (T, h, w) (or None),
-    where T runs over summary["targets"] in order.
+    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t], `raw_maps[method][t]`
+    (or raw_maps None) its float32 (h, w) raw map.
     """
-    for t, target in enumerate(summary["targets"]):
-        for method, files in target["maps"].items():
-            outdir.write_png(outdir.root / files["png"], pictures[method][t])
+    for method, overlays in pictures.items():
+        for t, pixels in overlays.items():
+            files = summary["targets"][t]["maps"][method]
+            outdir.write_png(outdir.root / files["png"], pixels)
             if raw_maps is not None:
                 outdir.write_npy(outdir.root / files["raw"], raw_maps[method][t])
+
+
+def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
+    """Write one image's remaining PNGs and raw maps (as write_maps; {} when earlier parts wrote them all),
+    then its summary last, so a summary means complete."""
+    write_maps(outdir, summary, pictures, raw_maps)
     outdir.write_json(outdir.summary_path(key), summary)
 
 
