@@ -1,7 +1,8 @@
-"""Peak resident memory of `hirescam explain` on a small and a 10x larger folder: it should not grow.
+"""Peak resident memory of `hirescam explain`: flat over a 10x larger folder, bounded on huge photos.
 
     python benchmarks/memory.py [--counts 200 2000] [--model tiny|resnet18] [--workers 2] [--batch-size 16]
-                                [--discovery-counts 2000 200000] [--only explain|discovery]
+                                [--discovery-counts 2000 200000] [--photos 8] [--photo-size 6000x4000]
+                                [--only explain|discovery|photos]
 
 Generates the images (64x48 PNGs, smooth colour fields with noise) in a temp folder, then runs
 `python -m hirescam_cli explain FOLDER -o OUT -c CONFIG -q` for each count as a subprocess, through a
@@ -14,6 +15,18 @@ Discovery: the same wrapper idea around input discovery alone (``discovery.catal
 empty files (1,000 per subfolder), 2,000 against 200,000: the extra peak RSS per input, whose goal is at
 most 150 bytes (a million inputs at most 150 MB more than a thousand).
 
+Photos: a folder of `--photos` JPEGs of 6000 x 4000 (smooth gradients and shapes plus mild noise, quality
+90), explained with the default resources of this machine (the config sets neither workers nor batch size)
+and the tiny model: the default methods, and all six methods with --top-k 3, each with writer threads (the
+CPU default) and with 2 writer processes (as on a GPU; `resources.default_writers` patched). A sampler
+thread in the run's process reads the peak RSS (VmHWM, a high-water mark) of each DataLoader worker and
+writer process every 20 ms (only growth in a child's last 20 ms could be missed); the main process's is
+read exactly at the end. Each is checked against the goal of 2 GB per process. (RUSAGE_CHILDREN would
+mislead: the resource tracker, forked and exec'd, inherits the main process's high-water mark.) Shared
+memory in flight (batches between workers and the main process, pictures waiting for writer processes)
+belongs to no process until mapped: the peak growth of the machine's Shmem (/proc/meminfo; other users'
+shared memory counts too) is printed beside. Also prints the PNGs' sizes.
+
 Models: "tiny" is tests/tiny_models.py:tiny_net (16x16 inputs, put on PYTHONPATH), where the model adds
 almost nothing to the imports and the pipeline; "resnet18" is torchvision's with random weights and
 10 classes, 64x64 inputs.
@@ -22,6 +35,7 @@ almost nothing to the imports and the pipeline; "resnet18" is torchvision's with
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,11 +43,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
+
+from hirescam_cli.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.2
 DISCOVERY_GOAL = 150  # bytes of peak RSS per extra input
+PHOTO_GOAL = 2e9  # bytes of peak RSS of any one process of a run over huge photos
 
 # Discovers the folder in argv[1], then prints peak RSS in KiB after the imports and after discovery.
 DISCOVERY = """
@@ -75,6 +92,83 @@ print("MEMORY " + json.dumps(peak), file=sys.stderr)
 """
 
 
+# Runs the CLI in this process (settings as JSON in argv[1]: writer processes), sampling the peak RSS of this
+# process and of its DataLoader workers and writer processes; prints them in KiB on the last stderr line.
+PHOTO_WRAPPER = """
+import json, multiprocessing, resource, sys, threading
+settings = json.loads(sys.argv.pop(1))
+if settings["writers"]:
+    from hirescam_cli import resources
+    resources.default_writers = lambda device, cores: settings["writers"]
+from hirescam_cli.cli import main
+
+ROLES = {"_worker_loop": "worker", "_process_worker": "writer"}
+roles, peaks = {}, {}  # pid -> role, pid -> peak KiB
+start = multiprocessing.process.BaseProcess.start
+
+def start_noting_the_role(process):
+    role = ROLES.get(getattr(process._target, "__name__", ""), "other")  # start() drops _target
+    start(process)
+    roles[process.pid] = role
+
+multiprocessing.process.BaseProcess.start = start_noting_the_role
+shmem = {"start": None, "peak": 0}
+
+def field(path, name):
+    try:
+        with open(path) as lines:
+            return next(int(line.split()[1]) for line in lines if line.startswith(name))
+    except (OSError, StopIteration):
+        return None
+
+def sample():
+    for pid in list(roles):
+        peak = field(f"/proc/{pid}/status", "VmHWM:")
+        if peak is not None:
+            peaks[pid] = max(peak, peaks.get(pid, 0))
+    shared = field("/proc/meminfo", "Shmem:")
+    shmem["start"] = shared if shmem["start"] is None else shmem["start"]
+    shmem["peak"] = max(shmem["peak"], shared - shmem["start"])
+
+stop = threading.Event()
+def sampler():
+    while not stop.wait(0.02):
+        try:
+            sample()
+        except RuntimeError:  # the dict of roles changed while being copied
+            pass
+
+sample()
+thread = threading.Thread(target=sampler, daemon=True)
+thread.start()
+try:
+    main()
+except SystemExit as e:
+    code = e.code or 0
+else:
+    code = 0
+stop.set()
+thread.join()
+by_role = {}
+for pid, peak in peaks.items():
+    by_role.setdefault(roles[pid], []).append(peak)
+result = {
+    "code": code,
+    "main_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    "roles": by_role,
+    "shmem_kib": shmem["peak"],
+}
+print("MEMORY " + json.dumps(result), file=sys.stderr)
+"""
+SIX_TOP3 = ["--methods", ",".join(METHODS), "--top-k", "3"]
+PHOTO_RUNS = {  # name -> (title, flags, writer processes)
+    "defaults": ("defaults (hirescam, gradcam; top-1)", [], 0),
+    "six-top3": ("all six methods, --top-k 3", SIX_TOP3, 0),
+    "processes": ("defaults, 2 writer processes", [], 2),
+    "processes-six-top3": ("six methods, top-3, 2 writer processes", SIX_TOP3, 2),
+}
+
+
 def make_images(folder: Path, count: int) -> None:
     """`count` distinct 64x48 PNGs: a random colour field upsampled, plus noise."""
     folder.mkdir()
@@ -87,14 +181,35 @@ def make_images(folder: Path, count: int) -> None:
         Image.fromarray(pixels).save(folder / f"img_{i:05d}.png", compress_level=1)
 
 
-def measure(folder: Path, out: Path, config: Path) -> dict:
-    """Run the CLI on a folder in a fresh interpreter; returns exit code, peak RSS (KiB) and seconds."""
+def make_photo(path: Path, width: int, height: int, seed: int) -> None:
+    """A photo-like JPEG (quality 90): a colour gradient and soft shapes, upscaled, plus mild noise."""
+    rng = np.random.default_rng(seed)
+    small_w, small_h = max(1, width // 10), max(1, height // 10)
+    ramp = np.linspace(0, 1, small_w)[None, :, None]
+    start, end = rng.integers(0, 256, (2, 1, 1, 3))
+    sky = np.broadcast_to(start + (end - start) * ramp, (small_h, small_w, 3)).astype(np.uint8)
+    canvas = Image.fromarray(np.ascontiguousarray(sky))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(12):
+        x, y = rng.integers(0, small_w), rng.integers(0, small_h)
+        rx = rng.integers(small_w // 20 + 1, small_w // 4 + 2)
+        ry = rng.integers(small_h // 20 + 1, small_h // 4 + 2)
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    full = np.asarray(canvas.filter(ImageFilter.GaussianBlur(3)).resize((width, height), Image.BICUBIC))
+    pixels = np.empty_like(full)
+    for top in range(0, height, 500):  # the noise in bands, to keep this process small
+        band = full[top : top + 500].astype(np.int16) + rng.integers(-6, 7, full[top : top + 500].shape)
+        pixels[top : top + 500] = np.clip(band, 0, 255)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def run_wrapped(wrapper: str, args: list[str]) -> dict:
+    """Run the CLI through a wrapper in a fresh interpreter; returns its MEMORY line and the seconds."""
     path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    args = ["explain", str(folder), "-o", str(out), "-c", str(config), "-q"]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, *args], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", wrapper, *args], env=env, capture_output=True, text=True, check=False
     )
     seconds = time.perf_counter() - start
     lines = [line for line in done.stderr.splitlines() if line.startswith("MEMORY ")]
@@ -104,6 +219,55 @@ def measure(folder: Path, out: Path, config: Path) -> dict:
     if result["code"] != 0:
         sys.exit(f"the run exited {result['code']}:\n{done.stderr}")
     return {**result, "seconds": seconds}
+
+
+def measure(folder: Path, out: Path, config: Path) -> dict:
+    """Run the CLI on a folder in a fresh interpreter; returns exit code, peak RSS (KiB) and seconds."""
+    return run_wrapped(WRAPPER, ["explain", str(folder), "-o", str(out), "-c", str(config), "-q"])
+
+
+def png_sizes(out: Path) -> str:
+    """Count, total and largest size of the PNGs under `out`, and their pixel sizes."""
+    pngs = sorted(out.rglob("*.png"))
+    sizes = [p.stat().st_size for p in pngs]
+    shapes = sorted({Image.open(p).size for p in pngs})
+    shown = ", ".join(f"{w}x{h}" for w, h in shapes)
+    return f"{len(pngs)} PNGs of {shown}: {sum(sizes) / 1e6:.1f} MB in all, largest {max(sizes) / 1e6:.1f} MB"
+
+
+def photos(count: int, size: tuple[int, int], runs: list[str]) -> None:
+    """Peak RSS of every process of runs over `count` huge JPEGs, against PHOTO_GOAL."""
+    width, height = size
+    with tempfile.TemporaryDirectory(prefix="hirescam-photos-") as temp:
+        temp = Path(temp)
+        folder = temp / "photos"
+        folder.mkdir()
+        for i in range(count):
+            make_photo(folder / f"photo_{i:02d}.jpg", width, height, i)
+        jpeg_mb = sum(p.stat().st_size for p in folder.iterdir()) / count / 1e6
+        config = temp / "config.toml"
+        config.write_text(MODELS["tiny"])  # workers and batch size: the defaults of this machine
+        print(f"{count} JPEGs of {width}x{height} ({jpeg_mb:.1f} MB each), tiny model, default resources")
+        columns = ("main MiB", "workers MiB", "writers MiB", "shm MiB", "s")
+        print(f"{'run':38s}", *(f"{c:>{max(9, len(c))}}" for c in columns))
+        for name in runs:
+            title, flags, writers = PHOTO_RUNS[name]
+            out = temp / "out"
+            args = ["explain", str(folder), "-o", str(out), "-c", str(config), "-q", *flags]
+            result = run_wrapped(PHOTO_WRAPPER, [json.dumps({"writers": writers}), *args])
+            roles = {role: max(peaks) / 1024 for role, peaks in result["roles"].items()}
+            main_mib = result["main_kib"] / 1024
+            worst = max(main_mib, *roles.values()) * 2**20
+            verdict = "ok" if worst <= PHOTO_GOAL else f"ABOVE the goal of {PHOTO_GOAL / 1e9:.0f} GB"
+            workers_mib, writers_mib = roles.get("worker", 0), roles.get("writer", 0)
+            shm_mib = result["shmem_kib"] / 1024
+            print(
+                f"{title:38s} {main_mib:>9.1f} {workers_mib:>11.1f} {writers_mib:>11.1f}"
+                f" {shm_mib:>9.1f} {result['seconds']:>9.1f}  {verdict}",
+                flush=True,
+            )
+            print(f"{'':38s} {png_sizes(out)}", flush=True)
+            shutil.rmtree(out)
 
 
 def make_empty_files(folder: Path, count: int) -> None:
@@ -153,11 +317,16 @@ def main() -> None:
     parser.add_argument(
         "--discovery-counts", type=int, nargs=2, default=[2000, 200_000], metavar=("SMALL", "LARGE")
     )
-    parser.add_argument("--only", choices=["explain", "discovery"])
+    parser.add_argument("--photos", type=int, default=8, help="huge JPEGs to generate")
+    parser.add_argument("--photo-size", default="6000x4000", help="WIDTHxHEIGHT of the huge JPEGs")
+    parser.add_argument("--photo-runs", nargs="+", choices=list(PHOTO_RUNS), default=list(PHOTO_RUNS))
+    parser.add_argument("--only", choices=["explain", "discovery", "photos"])
     args = parser.parse_args()
-    if args.only != "explain":
+    if args.only in (None, "discovery"):
         discovery(args.discovery_counts)
-    if args.only == "discovery":
+    if args.only in (None, "photos"):
+        photos(args.photos, tuple(int(v) for v in args.photo_size.lower().split("x")), args.photo_runs)
+    if args.only not in (None, "explain"):
         return
     with tempfile.TemporaryDirectory(prefix="hirescam-memory-") as temp:
         temp = Path(temp)

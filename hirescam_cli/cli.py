@@ -183,6 +183,9 @@ def cli() -> None:
 @click.option("--save-raw/--no-save-raw", default=None, help="Also write raw maps as float32 .npy.")
 @click.option("--png", type=click.Choice(["fast", "small"]), help="PNG encoder: fast (fpng) or small (zlib).")
 @click.option(
+    "--max-side", type=int, help="Overlays of larger images are scaled down to this long side (default 4096)."
+)
+@click.option(
     "--max-pixels", type=int, help="Refuse images with more pixels than this (default 100,000,000)."
 )
 @click.option("--overwrite", is_flag=True, help="Redo every input, even those whose outputs are complete.")
@@ -205,6 +208,7 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
         "render.signed": flags["signed"],
         "output.save_raw": flags["save_raw"],
         "output.png": flags["png"],
+        "output.max_side": flags["max_side"],
         "preprocess.max_pixels": flags["max_pixels"],
     }
     settings = load(config, overrides)

@@ -66,6 +66,7 @@ class RenderConfig:
 class OutputConfig:
     save_raw: bool = False
     png: str = "fast"  # fast: fpng; small: zlib, ~25% smaller files, ~20x slower to encode
+    max_side: int = 4096  # overlays of images with a longer side are scaled down to it (aspect kept)
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ VALIDATORS = {
         "amp": _flag,
     },
     "render": {"colormap": _colormap, "signed_colormap": _colormap, "alpha": _fraction, "signed": _flag},
-    "output": {"save_raw": _flag, "png": _png},
+    "output": {"save_raw": _flag, "png": _png, "max_side": _positive},
 }
 
 

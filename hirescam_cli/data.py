@@ -122,7 +122,26 @@ def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | 
         rgb = rgb_array(image)
     except Exception as error:  # e.g. a mode with no RGB conversion
         raise ImageError(f"cannot convert {image.mode} image to RGB: {_one_line(error)}") from None
+    image.close()  # frees the decoded pixels before the (3, H, W) copy is made
     return torch.from_numpy(np.require(rgb.transpose(2, 0, 1), requirements=["C", "W"]))
+
+
+def overlay_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The (h, w) of an image's overlays: its own size up to a long side of `max_side`, else scaled down
+    so that the long side is `max_side` (aspect kept: the short side rounded to whole pixels, at least 1)."""
+    long = max(height, width)
+    if long <= max_side:
+        return height, width
+    return tuple(max(1, (2 * side * max_side + long) // (2 * long)) for side in (height, width))
+
+
+def overlay_image(image: torch.Tensor, max_side: int) -> torch.Tensor:
+    """The uint8 (3, h, w) picture an image's overlays are drawn on: the image itself, or, beyond `max_side`,
+    an antialiased bilinear reduction to `overlay_size`."""
+    size = overlay_size(image.shape[1], image.shape[2], max_side)
+    if size == tuple(image.shape[1:]):
+        return image
+    return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,13 +238,15 @@ class Preprocess:
 
 @dataclass
 class Sample:
-    """The result for one input: a model input with its original image and box, a skip, or an error."""
+    """The result for one input: a model input with its box, original size and overlay picture, a skip, or an
+    error."""
 
     index: int
     sha256: str | None = None
     input: torch.Tensor | None = None
-    image: torch.Tensor | None = None
+    image: torch.Tensor | None = None  # the overlay picture (overlay_image), when the dataset makes them
     box: tuple[float, float, float, float] | None = None
+    size: tuple[int, int] | None = None  # (H, W) of the original image
     error: str | None = None
     skipped: bool = False
 
@@ -271,6 +292,9 @@ def file_limit(max_pixels: int | None) -> int | None:
 class ImageDataset(Dataset[Sample]):
     """Reads, hashes, decodes and preprocesses inputs by index; a bad image is an error, never an exception.
 
+    ``overlay_side``: the samples carry the picture their overlays are drawn on, scaled down to this long
+    side (``overlay_image``; the model input is still made from the full image), and the full decode is
+    dropped in the worker; None: no pictures (a run that draws no overlays).
     ``skip(item, sha256)`` (e.g. "outputs already complete") is asked after hashing and before decoding.
     It runs in the DataLoader workers, so it must be picklable under spawn and not rely on main-process
     state that changes after the workers start. Many inputs come as a ``discovery.Catalogue``, which
@@ -283,12 +307,14 @@ class ImageDataset(Dataset[Sample]):
         preprocess: Preprocess,
         max_pixels: int | None,
         skip: Callable[[InputItem, str], bool] | None = None,
+        overlay_side: int | None = None,
     ) -> None:
         """Keep the items with the decoding settings."""
         self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.skip = skip
+        self.overlay_side = overlay_side
 
     def __len__(self) -> int:
         """Number of inputs."""
@@ -312,13 +338,16 @@ class ImageDataset(Dataset[Sample]):
             return Sample(index, sha256, skipped=True)
         try:
             image = decode(data, self.max_pixels, self.preprocess.resize)
+            del data
             tensor, box = self.preprocess(image)
+            size = (image.shape[1], image.shape[2])
+            picture = None if self.overlay_side is None else overlay_image(image, self.overlay_side)
         except ImageError as error:
             return Sample(index, sha256, error=str(error))
         except Exception as error:  # e.g. out of memory on an extreme aspect ratio
             reason = f"cannot process image: {type(error).__name__}: {_one_line(error)}"
             return Sample(index, sha256, error=reason)
-        return Sample(index, sha256, tensor, image, box)
+        return Sample(index, sha256, tensor, picture, box, size)
 
 
 @dataclass
@@ -327,8 +356,9 @@ class Batch:
 
     indices: list[int]
     inputs: torch.Tensor  # (N, 3, h, w) float; an empty tensor when N = 0
-    images: list[torch.Tensor]  # originals, uint8 (3, H, W)
+    images: list[torch.Tensor]  # the overlay pictures, uint8 (3, h, w) (none when the dataset makes none)
     boxes: torch.Tensor  # (N, 4) float64, (x0, y0, x1, y1) in original pixels
+    sizes: list[tuple[int, int]]  # (H, W) of the originals
     sha256: list[str]
     skipped: list[tuple[int, str]]  # (index, sha256)
     failed: list[tuple[int, str]]  # (index, error)
@@ -353,8 +383,9 @@ def collate(samples: list[Sample]) -> Batch:
     return Batch(
         indices=[s.index for s in good],
         inputs=torch.stack([s.input for s in good]) if good else torch.empty(0),
-        images=[s.image for s in good],
+        images=[s.image for s in good if s.image is not None],
         boxes=torch.tensor([s.box for s in good], dtype=torch.float64).reshape(-1, 4),
+        sizes=[s.size for s in good],
         sha256=[s.sha256 for s in good],
         skipped=[(s.index, s.sha256) for s in samples if s.skipped],
         failed=[(s.index, s.error) for s in samples if s.error is not None],

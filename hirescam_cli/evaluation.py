@@ -203,8 +203,7 @@ def _mask_targets(masks: Path, batch, items: list[InputItem], labels: list[str],
     """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order."""
     rows, per_row, truth = [], [], []
     for row, index in enumerate(batch.indices):
-        size = tuple(batch.images[row].shape[1:])
-        found = load_masks(masks, items[index], labels, size, problems)
+        found = load_masks(masks, items[index], labels, batch.sizes[row], problems)
         if found:
             rows.append(row)
             per_row.append(list(found))

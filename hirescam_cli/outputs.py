@@ -18,6 +18,7 @@ files its summary lists (subfolders aside: the folders of inputs whose keys exte
 import contextlib
 import ctypes
 import errno
+import hashlib
 import heapq
 import io
 import itertools
@@ -188,8 +189,8 @@ class OutputDir:
         """A staging folder for the complete new set of one input's outputs; when the block ends without an
         error it takes the place of OUT/<key> in one atomic step, and the set it replaced is removed."""
         target = self._folder_target(key)
-        staging = self._temp_path()
-        staging.mkdir()
+        staging = self.staging(key)
+        staging.mkdir(exist_ok=True)  # earlier parts of a huge image may have written there
         try:
             yield staging
             for old in self._commit(staging, target):
@@ -197,6 +198,10 @@ class OutputDir:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # a failed new set (or, exchanged, the old one)
+
+    def staging(self, key: str) -> Path:
+        """The staging folder of one input's new set of outputs, the same from any writer of this process."""
+        return self.tmp / f"stage-{hashlib.sha1(key.encode()).hexdigest()}"
 
     def _folder_target(self, key: str) -> Path:
         """Where OUT/<key> really is: links inside OUT are followed, as every write here does; one that leads
@@ -265,19 +270,28 @@ class OutputDir:
         self.__dict__.update(state, _lock=threading.Lock(), _names=itertools.count())
 
 
-def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's complete set of outputs (PNGs, raw maps, summary), replacing OUT/<key> at once.
+def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
+    """Write some of one image's PNGs (and raw maps) into its staging folder: a huge image's come in several
+    parts, from any writer, and `write_image` then puts the whole set in place.
 
-    `pictures[method]` is uint8 (T, H, W, 3) and `raw_maps[method]` float32 (T, h, w) (or None),
-    where T runs over summary["targets"] in order.
+    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t], `raw_maps[method][t]`
+    (or raw_maps None) its float32 (h, w) raw map.
     """
+    staging = outdir.staging(key)
+    staging.mkdir(exist_ok=True)
+    for method, overlays in pictures.items():
+        for t, pixels in overlays.items():
+            files = summary["targets"][t]["maps"][method]
+            outdir.create(staging / _own_name(key, files["png"]), encode_png(pixels, outdir.png))
+            if raw_maps is not None:
+                outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
+
+
+def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
+    """Write one image's remaining PNGs and raw maps (as write_maps; {} when earlier parts wrote them all)
+    and its summary, then replace OUT/<key> with the complete set at once."""
     with outdir.replacing(key) as staging:
-        for t, target in enumerate(summary["targets"]):
-            for method, files in target["maps"].items():
-                png = encode_png(pictures[method][t], outdir.png)
-                outdir.create(staging / _own_name(key, files["png"]), png)
-                if raw_maps is not None:
-                    outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
+        write_maps(outdir, key, summary, pictures, raw_maps)
         outdir.create(staging / SUMMARY_NAME, json_bytes(summary))
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ from .summary import batch_numbers, image_summary
 from .writers import ImageJob, Writers
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RENDER_PIXELS = 2**24  # pixels rendered at once on the device; bounds memory for huge images
+PART_PIXELS = 2**24  # overlay pixels handed to the writers at once (48 MiB; one 4096 x 4096 picture)
+RENDER_PIXELS = 2**21  # overlay pixels drawn at once on the device (about 30 bytes each while drawn)
 PROGRESS_EVERY_S = 5.0
 
 
@@ -259,40 +261,77 @@ class StopFlag:
         )
 
 
+@dataclass(frozen=True)
+class Part:
+    """Some of a batch's overlays (``render.plan_parts``): channel c of an image is target c % T of method
+    c // T (T targets per image, methods in config order)."""
+
+    rows: range  # the images, rows of the batch
+    channels: range
+    pictures: np.ndarray  # uint8 (len(rows), len(channels), H, W, 3) on the host, padded to the largest
+
+
 class Renderer:
-    """Raw maps of a batch -> overlay images at each original size, batched on the device."""
+    """Raw maps of a batch -> overlays on the images' overlay pictures, batched on the device, in parts."""
 
     def __init__(self, config: Config, device: torch.device):
         self.device = device
+        self.methods = config.explain.methods
         self.alpha = config.render.alpha
         self.signed = config.render.signed
         self.table = render.colormap_table(config.render.colormap, device)
         self.signed_table = render.colormap_table(config.render.signed_colormap, device)
 
-    def __call__(self, result: Explanation, batch: Batch) -> dict[str, np.ndarray]:
-        """method -> uint8 (B, T, H_max, W_max, 3) on the host."""
-        images = render.pad_images(batch.images, self.device)
-        boxes = batch.boxes.to(self.device)
-        count, height, width = len(batch.images), images.shape[2], images.shape[3]
-        out = {}
-        for name, maps in result.maps.items():
+    def parts(self, result: Explanation, batch: Batch) -> Iterator[Part]:
+        """The batch's overlays in order, in parts of at most PART_PIXELS pixels (one picture at least),
+        each drawn in bands of rows of at most RENDER_PIXELS pixels. An image's picture is dropped from
+        `batch.images` once its overlays are drawn, so that a batch of huge photos is not held whole."""
+        targets = result.classes.shape[1]
+        values = {}
+        for name in self.methods:
             signed = self.signed and name == "hirescam"
-            values = render.normalize_signed(maps) if signed else render.normalize(maps)
-            targets = values.shape[1]
-            pictures = []
-            step = max(1, RENDER_PIXELS // max(1, targets * height * width))
-            for start in range(0, count, step):
-                part = slice(start, start + step)
-                flat = values[part].flatten(0, 1)
-                box = boxes[part].repeat_interleave(targets, 0)
-                image = images[part].repeat_interleave(targets, 0)
-                resampled, inside = render.register(flat, box, height, width)
-                table = self.signed_table if signed else self.table
-                pictures.append(to_host(render.overlay(resampled, image, inside, table, self.alpha, signed)))
-            out[name] = torch.cat(pictures).unflatten(0, (count, targets)).numpy()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return out
+            values[name] = (render.normalize_signed if signed else render.normalize)(result.maps[name])
+        sizes = [tuple(image.shape[1:]) for image in batch.images]
+        scale = [(w / W, h / H) for (h, w), (H, W) in zip(sizes, batch.sizes, strict=True)]
+        boxes = (batch.boxes * torch.tensor(scale, dtype=torch.float64).repeat(1, 2)).to(self.device)
+        everything, drawn_on = len(self.methods) * targets, None
+        for rows, channels in render.plan_parts(sizes, everything, PART_PIXELS):
+            own = batch.images[rows.start : rows.stop]
+            if channels.stop == everything:  # the images' last part
+                batch.images[rows.start : rows.stop] = [None] * len(rows)
+            if not channels:  # no image of the batch has a target
+                yield Part(rows, channels, np.zeros((len(rows), 0, 0, 0, 3), np.uint8))
+                continue
+            if rows != drawn_on:  # an image cut into parts goes to the device once
+                images, drawn_on = render.pad_images(own, self.device), rows
+            size = (len(rows), len(channels), *images.shape[2:], 3)
+            canvas = torch.empty(size, dtype=torch.uint8, device=self.device)
+            for method in range(channels.start // targets, (channels.stop - 1) // targets + 1):
+                low = max(channels.start, method * targets)  # this method's channels in the part
+                high = min(channels.stop, (method + 1) * targets)
+                span = range(low - method * targets, high - method * targets)
+                into = canvas[:, low - channels.start : high - channels.start]
+                name = self.methods[method]
+                self._draw(name, values[name], rows, span, boxes, images, into)
+            pictures = to_host(canvas)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            yield Part(rows, channels, pictures.numpy())
+
+    def _draw(self, method, values, rows, span, boxes, images, canvas) -> None:
+        """Draw targets `span` of `method` (its normalised maps `values`, (B, T, h, w)) for images `rows`
+        into canvas (n, len(span), H, W, 3), in bands of rows."""
+        signed = self.signed and method == "hirescam"
+        table = self.signed_table if signed else self.table
+        maps, boxes = values[rows.start : rows.stop, span.start : span.stop], boxes[rows.start : rows.stop]
+        height, width = images.shape[2:]
+        band = max(1, RENDER_PIXELS // (len(rows) * len(span) * width))
+        for top in range(0, height, band):
+            lines = range(top, min(height, top + band))
+            resampled, inside = render.register(maps, boxes, lines, width)
+            under = images[:, :, lines.start : lines.stop]
+            drawn = render.overlay(resampled, under, inside, table, self.alpha, signed)
+            canvas[:, :, lines.start : lines.stop] = drawn
 
 
 class ExplainRun:
@@ -340,7 +379,8 @@ class ExplainRun:
             self.explainer.close()
             raise
         skip = None if overwrite else ResumeCheck(self.out.root, self.fingerprint)
-        dataset = ImageDataset(self.items, self.preprocess, config.preprocess.max_pixels, skip=skip)
+        max_pixels, max_side = config.preprocess.max_pixels, config.output.max_side
+        dataset = ImageDataset(self.items, self.preprocess, max_pixels, skip=skip, overlay_side=max_side)
         self.loader = make_loader(
             dataset,
             self.batch_size,
@@ -390,8 +430,10 @@ class ExplainRun:
                     with torch.no_grad():
                         for batch in self.loader:
                             records = self._batch(batch, renderer, writers)
+                            failed = len(batch.failed)
+                            del batch  # its pictures are drawn: free them before the next batch comes
                             self.pending.extend((i, *records[i]) for i in sorted(records))
-                            progress.advance_to(*self.job.progress(len(records), len(batch.failed)))
+                            progress.advance_to(*self.job.progress(len(records), failed))
                             self._drain(limit=4 * self.batch_size)
                             if self.output_error:
                                 break
@@ -430,9 +472,8 @@ class ExplainRun:
             self.guarantee = result.guarantee
             self._note_identical(x[slots[:1]], result)
             self._note_zero_gradient(result)
-            pictures = renderer(result, batch)
             records |= _submit(
-                writers, self.out, batch, result, pictures, items, self.loaded, self.config, self.fingerprint
+                writers, self.out, batch, result, renderer, items, self.loaded, self.config, self.fingerprint
             )
         return records
 
@@ -640,21 +681,29 @@ def _explain(explainer: Explainer, x: torch.Tensor, config: Config, classes: lis
 
 
 def _submit(
-    writers, outdir, batch, result, pictures, items, loaded, config, finger
+    writers, outdir, batch, result, renderer, items, loaded, config, finger
 ) -> dict[int, tuple[dict, Future]]:
-    """Queue one write job per good image of the batch; returns index -> (its record, the job)."""
+    """Queue the writes of the batch's good images, part by part of its overlays (Renderer.parts); returns
+    index -> (its record, the future of its writes)."""
     methods = config.explain.methods
+    targets = result.classes.shape[1]
     numbers = batch_numbers(result, batch.boxes, config.model.multilabel)
     raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if config.output.save_raw else None
-    jobs, records = [], []
+    summaries, columns = [], []  # per row: its summary, and the target axis of summary["targets"][i]
     for row, index in enumerate(batch.indices):
-        item, image = items[index], batch.images[row]
+        item = items[index]
+        (height, width), (shown_height, shown_width) = batch.sizes[row], batch.images[row].shape[1:]
         base = {
             "schema": SCHEMA,
             "input": item.shown,
             "key": item.key,
-            "width": int(image.shape[2]),
-            "height": int(image.shape[1]),
+            "width": int(width),
+            "height": int(height),
+            "overlay": {
+                "width": int(shown_width),
+                "height": int(shown_height),
+                "scale": max(shown_width, shown_height) / max(width, height),
+            },
             "sha256": batch.sha256[row],
             "model": loaded.name,
             "target_layer": result.target_layer,
@@ -669,14 +718,38 @@ def _submit(
             )
 
         threshold = config.explain.threshold
-        summary = image_summary(
-            numbers, row, base, methods, loaded.labels, result.guarantee, files, threshold
+        summaries.append(
+            image_summary(numbers, row, base, methods, loaded.labels, result.guarantee, files, threshold)
         )
-        columns = [t for t, valid in enumerate(numbers["valid"][row]) if valid]  # of summary["targets"]
-        raw = {m: raw_maps[m][row, columns] for m in methods} if raw_maps is not None else None
-        jobs.append(ImageJob(item.key, summary, row, columns, raw))
-        records.append(_done(item, "no_target" in summary))
-    futures = writers.submit(outdir, pictures, jobs)
-    return {
-        index: (record, future) for index, record, future in zip(batch.indices, records, futures, strict=True)
-    }
+        columns.append([t for t, valid in enumerate(numbers["valid"][row]) if valid])
+    everything = range(len(methods) * targets)
+    records: dict[int, tuple[dict, Future]] = {}
+    cut: dict[int, list[Future]] = {}  # row -> the writes so far of an image whose overlays span parts
+    for part in renderer.parts(result, batch):
+        jobs = []
+        for row in part.rows:
+            own = [
+                (m * targets + t - part.channels.start, method, i)
+                for m, method in enumerate(methods)
+                for i, t in enumerate(columns[row])
+                if m * targets + t in part.channels
+            ]
+            raw = None
+            if raw_maps is not None:
+                raw = {method: {} for method in methods}
+                for _, method, i in own:
+                    raw[method][i] = raw_maps[method][row, columns[row][i]]
+            whole = part.channels == everything
+            key = items[batch.indices[row]].key
+            jobs.append(ImageJob(key, summaries[row], row - part.rows.start, own, raw, complete=whole))
+        futures = writers.submit(outdir, part.pictures, jobs)
+        for row, job, future in zip(part.rows, jobs, futures, strict=True):
+            index = batch.indices[row]
+            record = _done(items[index], "no_target" in job.summary)
+            if job.complete:
+                records[index] = (record, future)
+                continue
+            cut.setdefault(row, []).append(future)
+            if part.channels.stop == everything.stop:  # its last part
+                records[index] = (record, writers.finish(outdir, job.key, job.summary, cut.pop(row)))
+    return records

@@ -34,4 +34,4 @@ def rgb_array(image: Image.Image) -> np.ndarray:
     if image.has_transparency_data:
         background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # RGB: no copy to convert

@@ -1,4 +1,6 @@
-"""Turning raw maps into pictures: normalisation, colormaps, overlays on the original image."""
+"""Turning raw maps into pictures: normalisation, colormaps, overlays on the images, in bounded parts."""
+
+from collections.abc import Sequence
 
 import matplotlib
 import torch
@@ -31,7 +33,9 @@ def colormap_table(name: str, device: torch.device | str = "cpu") -> Tensor:
 
 
 def pad_images(images: list[Tensor], device: torch.device | str) -> Tensor:
-    """Originals (3, H_i, W_i) uint8 into one zero-padded (N, 3, H_max, W_max) uint8 batch."""
+    """Pictures (3, H_i, W_i) uint8 into one zero-padded (N, 3, H_max, W_max) uint8 batch on `device`."""
+    if len(images) == 1:
+        return images[0].to(device, non_blocking=True)[None]  # no copy on the CPU
     height = max(image.shape[1] for image in images)
     width = max(image.shape[2] for image in images)
     batch = torch.zeros((len(images), 3, height, width), dtype=torch.uint8, device=device)
@@ -40,23 +44,47 @@ def pad_images(images: list[Tensor], device: torch.device | str) -> Tensor:
     return batch
 
 
-def register(maps: Tensor, boxes: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Resample maps (P, h, w) onto (P, height, width) image pixels through each crop box.
+def plan_parts(sizes: Sequence[tuple[int, int]], channels: int, budget: int) -> list[tuple[range, range]]:
+    """Cut a batch's pictures into parts of at most `budget` pixels, in order: (images, channels) ranges.
 
-    `boxes` (P, 4) holds (x0, y0, x1, y1): the region of the original image, in its pixels,
-    that the model input (and so the map) covers. Returns the resampled maps and a mask of the
-    pixels inside the box; bilinear inside, nothing outside.
+    Image i has `channels` pictures of sizes[i] = (h, w). A part is a run of consecutive images with all their
+    channels, counted padded to the largest of them; an image whose channels alone exceed the budget is cut
+    into runs of its channels (one picture at least, whatever its size).
+    """
+    parts: list[tuple[range, range]] = []
+    start, height, width = 0, 0, 0
+    for i, (h, w) in enumerate(sizes):
+        height, width = max(height, h), max(width, w)
+        if i > start and (i + 1 - start) * channels * height * width > budget:
+            parts.append((range(start, i), range(channels)))
+            start, height, width = i, h, w
+        if channels * h * w > budget:  # alone in its part (the test above closed the run before it)
+            step = max(1, budget // (h * w))
+            parts += [(range(i, i + 1), range(c, min(c + step, channels))) for c in range(0, channels, step)]
+            start, height, width = i + 1, 0, 0
+    if start < len(sizes):
+        parts.append((range(start, len(sizes)), range(channels)))
+    return parts
+
+
+def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> tuple[Tensor, Tensor]:
+    """Resample maps (N, C, h, w) onto `rows` of (N, C, H, width) picture pixels through each crop box.
+
+    `boxes` (N, 4) holds (x0, y0, x1, y1): the region of the picture, in its pixels, that the model input
+    (and so each of the image's C maps) covers. Returns the resampled maps (N, C, len(rows), width) and a
+    mask (N, len(rows), width) of the pixels inside the box; bilinear inside, nothing outside. Every pixel is
+    computed on its own, so any cut into rows, channels or images gives the same bits.
     """
     boxes = boxes.to(maps.device, torch.float32)
     x0, y0, x1, y1 = boxes.unbind(1)
     xs = torch.arange(width, device=maps.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(height, device=maps.device, dtype=torch.float32) + 0.5
-    gx = 2 * (xs[None] - x0[:, None]) / (x1 - x0)[:, None] - 1  # (P, W) in the map's [-1, 1]
-    gy = 2 * (ys[None] - y0[:, None]) / (y1 - y0)[:, None] - 1  # (P, H)
+    ys = torch.arange(rows.start, rows.stop, device=maps.device, dtype=torch.float32) + 0.5
+    gx = 2 * (xs[None] - x0[:, None]) / (x1 - x0)[:, None] - 1  # (N, W) in the map's [-1, 1]
+    gy = 2 * (ys[None] - y0[:, None]) / (y1 - y0)[:, None] - 1  # (N, rows)
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     resampled = torch.nn.functional.grid_sample(
-        maps[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )[:, 0]
+        maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
     return resampled, inside
 
@@ -64,15 +92,19 @@ def register(maps: Tensor, boxes: Tensor, height: int, width: int) -> tuple[Tens
 def overlay(
     values: Tensor, images: Tensor, inside: Tensor, table: Tensor, alpha: float, signed: bool
 ) -> Tensor:
-    """Blend colour-mapped values (P, H, W) over images (P, 3, H, W) uint8 -> (P, H, W, 3) uint8.
+    """Blend colour-mapped values (N, C, H, W) over images (N, 3, H, W) uint8 -> (N, C, H, W, 3) uint8.
 
-    Values lie in [0, 1], or in [-1, 1] when `signed` (zero at the colormap's centre); pixels
-    outside `inside` get grey instead of a colour.
+    Values lie in [0, 1], or in [-1, 1] when `signed` (zero at the colormap's centre); they are scaled in
+    place. Pixels outside `inside` (N, H, W) get grey instead of a colour.
     """
-    index = ((values + 1) / 2 if signed else values).clamp(0, 1).mul(255).round().long()
-    heat = torch.where(inside[..., None], table[index], UNEXPLAINED).to(torch.int16)
+    if signed:
+        values = values.add_(1).div_(2)
+    index = values.clamp_(0, 1).mul_(255).round_().to(torch.int32)
+    index.masked_fill_(~inside[:, None], len(table))  # the grey entry appended below
+    grey = torch.full((1, 3), UNEXPLAINED, dtype=table.dtype, device=table.device)
+    heat = torch.cat([table, grey])[index].to(torch.int16)
+    del index
     steps = 1 << ALPHA_BITS
     weight = round(alpha * steps)
-    image = images.permute(0, 2, 3, 1).to(torch.int16)
-    blended = (image * (steps - weight) + heat * weight + steps // 2) >> ALPHA_BITS
-    return blended.to(torch.uint8)
+    base = images.permute(0, 2, 3, 1).to(torch.int16).mul_(steps - weight).add_(steps // 2)[:, None]
+    return heat.mul_(weight).add_(base).bitwise_right_shift_(ALPHA_BITS).to(torch.uint8)

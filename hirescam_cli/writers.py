@@ -3,39 +3,48 @@
 On a CPU run a pool of threads does it (fpng and file writes release the GIL). On a GPU run the
 loop that feeds the GPU must keep the GIL to itself: every kernel launch gives it up and waits to
 get it back, so threads encoding PNGs beside it slow the model tenfold. There, processes write, and
-a batch's pictures reach them through one shared-memory segment instead of a pipe (a pipe moves
+a part's pictures reach them through one shared-memory segment instead of a pipe (a pipe moves
 about 200 MB/s; a batch of 32 pictures pairs at 640 x 480 is 60 MB).
+
+Pictures come in parts (``render.plan_parts``): a part holds several small images' overlays, or a few of
+one huge image's. What waits to be written is bounded in bytes: ``submit`` waits while earlier parts
+still being written hold more than the budget.
 """
 
 import multiprocessing
 import signal
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from .outputs import OutputDir, write_image
+from .outputs import OutputDir, write_image, write_maps
+
+QUEUED_BYTES = 192 * 2**20  # pictures submitted and not yet written, beyond the part being submitted
 
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image of a batch: where its outputs go and which of the batch's pictures are its own."""
+    """One image's overlays in a part of a batch's pictures; `complete`: they are its last, so its summary
+    is written after them (else ``Writers.finish`` writes it once every part is written)."""
 
     key: str
     summary: dict
-    row: int  # its row in the batch's pictures
-    columns: list[int]  # the target axis of the pictures that holds summary["targets"][i]
-    raw_maps: dict[str, np.ndarray] | None  # float32 (T, h, w) per method, with --save-raw
+    row: int  # its row in the part's pictures
+    maps: list[tuple[int, str, int]]  # (channel of the part's pictures, method, index in summary["targets"])
+    raw_maps: dict[str, dict[int, np.ndarray]] | None  # float32 (h, w) by method and target, with --save-raw
+    complete: bool = True
 
 
 class Writers:
     """A pool that writes each image's PNGs, raw maps and summary; `processes` 0 means threads."""
 
-    def __init__(self, processes: int, threads: int = 4):
+    def __init__(self, processes: int, threads: int = 4, budget: int = QUEUED_BYTES):
         self.processes = processes
+        self.budget = budget
         if processes > 0:
             # Forked like the DataLoader's workers (they never touch CUDA), and all at once, now, before
             # the loader's threads start; spawn where fork does not exist.
@@ -55,30 +64,69 @@ class Writers:
             self.pool = ThreadPoolExecutor(threads, thread_name_prefix="hirescam-writer")
         self._free: list[shared_memory.SharedMemory] = []
         self._all: list[shared_memory.SharedMemory] = []
-        self._lock = threading.Lock()
+        self._queued = 0  # bytes of the parts submitted and not yet written
+        self._room = threading.Condition()
+        self._finishing: list[Future] = []
 
-    def submit(
-        self, outdir: OutputDir, pictures: dict[str, np.ndarray], jobs: Sequence[ImageJob]
-    ) -> list[Future]:
-        """Queue the writes of a batch's images; `pictures[method]` is uint8 (B, T, H, W, 3)."""
+    def submit(self, outdir: OutputDir, pictures: np.ndarray, jobs: Sequence[ImageJob]) -> list[Future]:
+        """Queue the writes of one part of a batch's pictures, uint8 (n, k, H, W, 3); first waits while
+        earlier parts not yet written hold more than the budget."""
+        size = pictures.nbytes
+        with self._room:
+            self._room.wait_for(lambda: not self._queued or self._queued + size <= self.budget)
+            self._queued += size
         if self.processes == 0:
-            return [self.pool.submit(_write_own, outdir, job, pictures) for job in jobs]
-        segment, shared = self._share(pictures)
-        futures = [self.pool.submit(_write_shared, outdir, job, shared) for job in jobs]
-        remaining = [len(futures)]
+            segment, futures = None, [self.pool.submit(_write_own, outdir, job, pictures) for job in jobs]
+        else:
+            segment, shared = self._share(pictures)
+            futures = [self.pool.submit(_write_shared, outdir, job, shared) for job in jobs]
+        remaining = [len(futures) + 1]  # + 1: released below, so that a part without jobs frees its room
 
-        def release(_future: Future) -> None:
-            with self._lock:
+        def release(_future: Future | None) -> None:
+            with self._room:
                 remaining[0] -= 1
                 if remaining[0] == 0:
-                    self._free.append(segment)
+                    self._queued -= size
+                    if segment is not None:
+                        self._free.append(segment)
+                    self._room.notify_all()
 
         for future in futures:
             future.add_done_callback(release)
+        release(None)
         return futures
 
+    def finish(self, outdir: OutputDir, key: str, summary: dict, after: Sequence[Future]) -> Future:
+        """Write an image's summary once `after` (the writes of its parts) are done; the future fails with
+        the first of their errors instead, and then no summary is written."""
+        done: Future = Future()
+        remaining = [len(after) + 1]
+        lock = threading.Lock()
+
+        def part_written(_future: Future | None) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                error = next((f.exception() for f in after if f.exception() is not None), None)
+                if error is not None:
+                    done.set_exception(error)
+                    return
+                written = self.pool.submit(write_image, outdir, key, summary, {}, None)
+                written.add_done_callback(lambda f: _settle(done, f))
+            except BaseException as error:  # a broken pool: the run must not wait for `done` forever
+                done.set_exception(error)
+
+        self._finishing = [f for f in self._finishing if not f.done()] + [done]
+        for future in after:
+            future.add_done_callback(part_written)
+        part_written(None)
+        return done
+
     def shutdown(self) -> None:
-        """Wait for every queued write, then free the shared memory."""
+        """Wait for every queued write and summary, then free the shared memory."""
+        wait(self._finishing)
         self.pool.shutdown(wait=True)
         for segment in self._all:
             segment.close()
@@ -86,43 +134,52 @@ class Writers:
         self._all.clear()
         self._free.clear()
 
-    def _share(self, pictures: dict[str, np.ndarray]) -> tuple[shared_memory.SharedMemory, dict]:
-        """Copy the pictures into a free segment (reused once all writes of its batch are done)."""
-        size = sum(p.nbytes for p in pictures.values())
-        with self._lock:
-            segment = next((s for s in self._free if s.size >= size), None)
+    def _share(self, pictures: np.ndarray) -> tuple[shared_memory.SharedMemory, tuple]:
+        """Copy a part's pictures into a free segment (reused once all writes of its part are done); sizes
+        are powers of two, so parts of other sizes reuse them too (pages never written cost nothing)."""
+        with self._room:
+            segment = next((s for s in self._free if s.size >= pictures.nbytes), None)
             if segment is not None:
                 self._free.remove(segment)
         if segment is None:
-            segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
+            size = 1 << max(20, (pictures.nbytes - 1).bit_length())
+            segment = shared_memory.SharedMemory(create=True, size=size)
             self._all.append(segment)
-        shared, offset = {}, 0
-        for method, array in pictures.items():
-            np.ndarray(array.shape, array.dtype, segment.buf, offset)[...] = array
-            shared[method] = (segment.name, array.shape, offset)
-            offset += array.nbytes
-        return segment, shared
+        np.ndarray(pictures.shape, pictures.dtype, segment.buf)[...] = pictures
+        return segment, (segment.name, pictures.shape)
 
 
-def _write_own(outdir: OutputDir, job: ImageJob, pictures: dict[str, np.ndarray]) -> None:
-    height, width = job.summary["height"], job.summary["width"]
-    own = {m: p[job.row, job.columns, :height, :width] for m, p in pictures.items()}
-    write_image(outdir, job.key, job.summary, own, job.raw_maps)
+def _settle(done: Future, future: Future) -> None:
+    """Give `done` the outcome of `future`."""
+    error = future.exception()
+    if error is None:
+        done.set_result(future.result())
+    else:
+        done.set_exception(error)
+
+
+def _write_own(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
+    height, width = job.summary["overlay"]["height"], job.summary["overlay"]["width"]
+    own: dict[str, dict[int, np.ndarray]] = {}
+    for channel, method, target in job.maps:
+        own.setdefault(method, {})[target] = pictures[job.row, channel, :height, :width]
+    if job.complete:
+        write_image(outdir, job.key, job.summary, own, job.raw_maps)
+    else:
+        write_maps(outdir, job.key, job.summary, own, job.raw_maps)
 
 
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}  # a writer process's view of the segments
 _ATTACHED_MAX = 16
 
 
-def _write_shared(outdir: OutputDir, job: ImageJob, shared: dict) -> None:
-    pictures = {}
-    for method, (name, shape, offset) in shared.items():
-        if name not in _ATTACHED:
-            if len(_ATTACHED) >= _ATTACHED_MAX:
-                _ATTACHED.pop(next(iter(_ATTACHED))).close()
-            _ATTACHED[name] = shared_memory.SharedMemory(name=name)
-        pictures[method] = np.ndarray(shape, np.uint8, _ATTACHED[name].buf, offset)
-    _write_own(outdir, job, pictures)
+def _write_shared(outdir: OutputDir, job: ImageJob, shared: tuple) -> None:
+    name, shape = shared
+    if name not in _ATTACHED:
+        if len(_ATTACHED) >= _ATTACHED_MAX:
+            _ATTACHED.pop(next(iter(_ATTACHED))).close()
+        _ATTACHED[name] = shared_memory.SharedMemory(name=name)
+    _write_own(outdir, job, np.ndarray(shape, np.uint8, _ATTACHED[name].buf))
 
 
 _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}

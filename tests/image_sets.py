@@ -11,8 +11,11 @@ def image_set(version: int, classes: list[int], methods: list[str], raw: bool, k
         return {m: {"png": f"{key}/{m}-{cls}.png", "raw": raw_path(m)} for m in methods}
 
     summary = {"version": version, "width": 5, "height": 3, "targets": [{"maps": maps(c)} for c in classes]}
-    pictures = {m: np.full((len(classes), 3, 5, 3), version, np.uint8) for m in methods}
-    raw_maps = {m: np.full((len(classes), 2, 2), version, np.float32) for m in methods} if raw else None
+    targets = range(len(classes))
+    pictures = {m: {t: np.full((3, 5, 3), version, np.uint8) for t in targets} for m in methods}
+    raw_maps = (
+        {m: {t: np.full((2, 2), version, np.float32) for t in targets} for m in methods} if raw else None
+    )
     return summary, pictures, raw_maps
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from test_cli import config, rgb, run
 
 from hirescam_cli import data
-from hirescam_cli.data import decode
+from hirescam_cli.data import decode, overlay_size
 from hirescam_cli.discovery import discover
 
 TESTS = Path(__file__).parent
@@ -137,10 +137,12 @@ def test_bad_input_corpus_ends_as_outputs_or_clear_errors(tmp_path, capsys, monk
         assert record["status"] == "ok", (path, record)
         summary, pngs = outputs(out, record)
         assert (summary["width"], summary["height"]) == outcome.size, path
+        shown = overlay_size(outcome.size[1], outcome.size[0], 4096)[::-1]  # the 10000 x 10 strip: 4096 x 4
+        assert (summary["overlay"]["width"], summary["overlay"]["height"]) == shown, path
         assert len(pngs) == 2
         for png in pngs.values():
             with Image.open(io.BytesIO(png)) as image:
-                assert image.size == outcome.size, path
+                assert image.size == shown, path
     failed = sum(outcome.size is None for outcome in expect.values())
     counts = json.loads((out / "run.json").read_text())["counts"]
     assert (counts["ok"], counts["error"]) == (len(expect) - failed, failed)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hirescam_cli import pipeline, render, resources
 from hirescam_cli.cli import main
 from hirescam_cli.data import Preprocess
 
@@ -182,6 +183,67 @@ def test_outputs_are_registered_to_the_original_image(tmp_path, capsys):
     assert (pixels[:, int(x0) : int(x1)] != grey).any(axis=-1).all()
 
 
+def test_overlays_of_a_large_image_are_scaled_and_peaks_stay_in_original_pixels(tmp_path, capsys):
+    width, height = 600, 400
+    Image.new("RGB", (width, height), (200, 200, 200)).save(tmp_path / "flat.png")
+    args = ["explain", tmp_path / "flat.png", "-c", config(tmp_path, "corner_net"), "-q"]
+    assert run([*args, "-o", tmp_path / "out", "--max-side", "100"], capsys)[0] == 0
+    assert run([*args, "-o", tmp_path / "full"], capsys)[0] == 0  # 600 <= 4096: not scaled
+    summaries = [tmp_path / name / "flat.png/summary.json" for name in ("out", "full")]
+    summary, full = (json.loads(path.read_text()) for path in summaries)
+    assert (summary["width"], summary["height"]) == (600, 400)
+    assert summary["overlay"] == {"width": 100, "height": 67, "scale": 100 / 600}
+    assert full["overlay"] == {"width": 600, "height": 400, "scale": 1.0}
+    # the numbers, peaks included, are those of the full-size run: in original pixels
+    for s in (summary, full):
+        s.pop("overlay"), s.pop("fingerprint")
+    assert summary == full
+    # resize 16 (shorter side) + crop 16: the model saw x in [100, 500) of the 600 x 400 image
+    entry = summary["targets"][0]["maps"]["hirescam"]
+    cell = 400 / 8
+    assert entry["peak"] == [int(100 + cell / 2), int(cell / 2)]
+    pixels = np.asarray(Image.open(tmp_path / "out" / entry["png"]))
+    assert pixels.shape == (67, 100, 3)
+    # the box lands on overlay pixels x in [16.67, 83.33): columns 17 to 82 are coloured, the rest grey
+    grey = round(0.5 * 200 + 0.5 * 128)
+    assert (pixels[:, :17] == grey).all() and (pixels[:, 83:] == grey).all()
+    assert (pixels[:, 17:83] != grey).any(axis=-1).all()
+    # HiResCAM is 1 from the box's corner to the centre of the top-left cell, (125, 25) -> (20.8, 4.2)
+    hottest = (200 * 64 + render.colormap_table("jet")[255].int() * 64 + 64) >> 7
+    assert (pixels[:4, 17:21] == hottest.numpy()).all() and (pixels[5:, 22:] != hottest.numpy()).any(-1).all()
+    # max_side is part of the fingerprint: a rerun with another one redoes the image
+    assert run([*args, "-o", tmp_path / "out", "--max-side", "100"], capsys)[0] == 0
+    assert json.loads((tmp_path / "out/results.jsonl").read_text())["status"] == "skipped"
+    assert run([*args, "-o", tmp_path / "out", "--max-side", "120"], capsys)[0] == 0
+    assert json.loads((tmp_path / "out/results.jsonl").read_text())["status"] == "ok"
+    assert Image.open(tmp_path / "out" / entry["png"]).size == (120, 80)
+
+
+def test_outputs_do_not_depend_on_how_the_overlays_are_cut(tmp_path, capsys, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(30, 20), (300, 180), (25, 40), (21, 17), (160, 240), (33, 33), (40, 10)]):
+        rgb(*size, i).save(images / f"{i}.png")
+    args = ["explain", images, "-c", config(tmp_path, extra="[output]\nsave_raw = true\n"), "-q"]
+    args += ["--max-side", "120", "--top-k", "2", "--methods", "hirescam,gradcam,layercam"]
+    assert run([*args, "-o", tmp_path / "whole"], capsys)[0] == 0
+    # parts of at most 500 pixels (a picture each, cut images) drawn 300 pixels at a time, other batches,
+    # written by processes
+    monkeypatch.setattr(pipeline, "PART_PIXELS", 500)
+    monkeypatch.setattr(pipeline, "RENDER_PIXELS", 300)
+    monkeypatch.setattr(resources, "default_writers", lambda device, cores: 2)
+    assert run([*args, "-o", tmp_path / "cut", "--batch-size", "3"], capsys)[0] == 0
+    whole, cut = (
+        {p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file()}
+        for name in ("whole", "cut")
+    )
+    whole.pop(Path("run.json")), cut.pop(Path("run.json"))
+    assert len(whole) == 2 + 7 * (1 + 2 * 3 * 2) and whole == cut  # results.jsonl, .lock; per image
+    for key, size in (("1.png", (120, 72)), ("4.png", (80, 120)), ("0.png", (30, 20))):
+        for path in (tmp_path / "cut" / key).glob("*.png"):
+            assert Image.open(path).size == size
+
+
 def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
@@ -228,6 +290,7 @@ def test_workers_stream_the_same_results(tmp_path, capsys):
         (["--target-layer", "nope"], "unknown target layer 'nope'"),
         (["--checkpoint", "missing.pt"], "does not exist"),
         (["--classes", "cat"], "unknown label 'cat'"),
+        (["--max-side", "0"], "output.max_side = 0 is not allowed: expected a positive integer"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -246,6 +309,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
         ("[render]\ncolour = 'red'\n", "unknown key render.colour; valid keys: colormap"),
         ("[render]\nalpha = 'three'\n", "render.alpha = 'three'"),
         ("[preprocess2]\n", "unknown config section"),
+        ("[output]\nmax_side = 'large'\n", "output.max_side = 'large' is not allowed: expected a positive"),
         ("[model]\narch = 'resnet18'\n", "TOML"),  # a table defined twice
     ],
 )

@@ -27,6 +27,8 @@ from hirescam_cli.data import (
     collate,
     decode,
     make_loader,
+    overlay_image,
+    overlay_size,
 )
 from hirescam_cli.discovery import InputError, InputItem, discover
 
@@ -463,6 +465,37 @@ def test_normalisation_and_input_size():
 
 
 @pytest.mark.parametrize(
+    ("size", "max_side", "expected"),
+    [
+        ((4000, 6000), 4096, (2731, 4096)),  # 2730.67 rounds up
+        ((6000, 4000), 4096, (4096, 2731)),  # portrait
+        ((4096, 3000), 4096, (4096, 3000)),  # at the limit: unchanged
+        ((30, 40), 4096, (30, 40)),
+        ((3, 5), 4, (2, 4)),  # 2.4 rounds down
+        ((1, 100_000), 4096, (1, 4096)),  # never below one pixel
+        ((500, 500), 100, (100, 100)),
+    ],
+)
+def test_overlay_size_keeps_the_aspect_up_to_the_long_side(size, max_side, expected):
+    height, width = size
+    assert overlay_size(height, width, max_side) == expected
+    shown_h, shown_w = expected
+    if max(size) > max_side:  # the short side is the nearest whole number of pixels
+        assert max(shown_h, shown_w) == max_side
+        short, long = sorted(size)
+        assert abs(min(shown_h, shown_w) - short * max_side / long) <= 0.5 or min(shown_h, shown_w) == 1
+
+
+def test_overlay_image_is_the_image_itself_or_an_antialiased_reduction():
+    image = torch.from_numpy(np.asarray(noise(60, 40)).transpose(2, 0, 1).copy())
+    assert overlay_image(image, 60) is image
+    small = overlay_image(image, 30)
+    assert small.shape == (3, 20, 30) and small.dtype == torch.uint8
+    flat = torch.full((3, 40, 60), 77, dtype=torch.uint8)
+    assert (overlay_image(flat, 7) == 77).all()  # an average keeps a flat colour
+
+
+@pytest.mark.parametrize(
     ("resize", "crop", "mean", "std"),
     [
         (0, None, *IDENTITY),
@@ -498,7 +531,7 @@ def folder_of_cases(root: Path) -> list[InputItem]:
 
 def test_dataset_turns_every_bad_input_into_an_error(tmp_path):
     items = folder_of_cases(tmp_path)
-    dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000)
+    dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000, overlay_side=40)
     assert len(dataset) == len(items) and dataset.item(3) == items[3]
     samples = [dataset[i] for i in range(len(dataset))]
     errors = {items[s.index].key: s.error for s in samples if s.error}
@@ -513,12 +546,18 @@ def test_dataset_turns_every_bad_input_into_an_error(tmp_path):
     assert good.sha256 == hashlib.sha256((tmp_path / "a_good.png").read_bytes()).hexdigest()
     assert good.input.shape == (3, 32, 32) and good.image.shape == (3, 30, 40) and not good.skipped
     assert good.box == (10.0, 5.0, 30.0, 25.0)  # 40x30 -> 64x48, crop 32 at (16, 8)
+    assert good.size == (30, 40)
+    large = samples[5]  # 64 x 64: its overlay picture is scaled down, its model input is not changed
+    assert large.size == (64, 64) and large.image.shape == (3, 40, 40)
+    full = ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000, overlay_side=64)[5]
+    assert full.image.shape == (3, 64, 64) and torch.equal(full.input, large.input) and full.box == large.box
+    assert ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000)[0].image is None
 
 
 def test_dataset_reports_permission_and_unexpected_failures(tmp_path, monkeypatch):
     item = InputItem(write(tmp_path / "a.png", encode(noise(8, 8), "PNG")), "a.png")
 
-    def denied(self):
+    def denied(_path, _max_bytes):
         raise PermissionError(13, "Permission denied")
 
     def broken(self, image):
@@ -526,7 +565,7 @@ def test_dataset_reports_permission_and_unexpected_failures(tmp_path, monkeypatc
 
     dataset = ImageDataset([item], Preprocess(None, None, *IDENTITY), None)
     with monkeypatch.context() as patch:
-        patch.setattr(Path, "read_bytes", denied)
+        patch.setattr(data, "read_file", denied)
         assert dataset[0].error == "permission denied" and dataset[0].sha256 is None
     monkeypatch.setattr(Preprocess, "__call__", broken)
     assert dataset[0].error == "cannot process image: RuntimeError: out of memory allocating 9 GB"
@@ -553,13 +592,14 @@ def test_skip_is_asked_after_hashing_and_skips_decoding(tmp_path, monkeypatch):
 
 def test_collate_separates_good_skipped_and_failed():
     good = [Sample(i, f"sha{i}", torch.full((3, 4, 5), float(i)), torch.zeros(3, 6, 7, dtype=torch.uint8),
-                   (0.0, 1.0, 7.0, 5.5)) for i in (0, 3)]
+                   (0.0, 1.0, 7.0, 5.5), (12, 14)) for i in (0, 3)]
     samples = [good[0], Sample(1, "sha1", skipped=True), Sample(2, error="empty file"), good[1],
                Sample(4, "sha4", error="not an image (cannot identify format)")]
     batch = collate(samples)
     assert batch.indices == [0, 3] and batch.sha256 == ["sha0", "sha3"]
     assert batch.inputs.shape == (2, 3, 4, 5) and batch.inputs[1].eq(3).all()
     assert len(batch.images) == 2 and batch.images[0].dtype == torch.uint8
+    assert batch.sizes == [(12, 14)] * 2
     assert batch.boxes.dtype == torch.float64 and batch.boxes.tolist() == [[0.0, 1.0, 7.0, 5.5]] * 2
     assert batch.skipped == [(1, "sha1")]
     assert batch.failed == [(2, "empty file"), (4, "not an image (cannot identify format)")]
@@ -576,8 +616,8 @@ def test_collate_refuses_mixed_input_sizes():
 
 def flatten(batches: list[Batch]) -> list:
     """Everything a run consumes from a loader, in order, for comparison."""
-    return [(b.indices, b.inputs.tolist(), [i.tolist() for i in b.images], b.boxes.tolist(), b.sha256,
-             b.skipped, b.failed) for b in batches]
+    return [(b.indices, b.inputs.tolist(), [i.tolist() for i in b.images], b.boxes.tolist(), b.sizes,
+             b.sha256, b.skipped, b.failed) for b in batches]
 
 
 def skip_f_good(item: InputItem, sha256: str) -> bool:
@@ -587,11 +627,12 @@ def skip_f_good(item: InputItem, sha256: str) -> bool:
 
 def test_loader_with_two_workers_matches_in_process_loading(tmp_path):
     items = folder_of_cases(tmp_path)
-    dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), 50_000, skip=skip_f_good)
+    dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), 50_000, skip=skip_f_good, overlay_side=45)
     serial = list(make_loader(dataset, batch_size=3, workers=0))
     parallel = list(make_loader(dataset, batch_size=3, workers=2))
     assert flatten(parallel) == flatten(serial)
     assert [b.indices for b in serial] == [[0, 2], [], []]
+    assert serial[0].sizes == [(30, 40), (50, 30)] and serial[0].images[1].shape == (3, 45, 27)
     assert [i for b in serial for i, _ in b.skipped] == [5]
     assert [i for b in serial for i, _ in b.failed] == [1, 3, 4, 6, 7]
 
@@ -599,6 +640,6 @@ def test_loader_with_two_workers_matches_in_process_loading(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs an accelerator")
 def test_pin_memory_pins_the_batch(tmp_path):
     items = folder_of_cases(tmp_path)
-    dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), 50_000)
+    dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), 50_000, overlay_side=64)
     batch = next(iter(make_loader(dataset, batch_size=3, workers=0, pin_memory=True)))
     assert batch.inputs.is_pinned() and all(image.is_pinned() for image in batch.images)

@@ -4,11 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_cli import config, rgb, run
 
 from hirescam_cli import resources
@@ -41,13 +43,20 @@ def test_writer_processes_write_byte_identical_outputs(tmp_path, capsys, monkeyp
     assert not (tmp_path / "processes/.tmp").exists()
 
 
+def summary_of(key: str, width: int, height: int, methods=("hirescam",), targets: int = 1) -> dict:
+    """The parts of a summary the writers read: the overlay size and the maps' file names."""
+    maps = [{m: {"png": f"{key}/{m}-{t}.png", "raw": None} for m in methods} for t in range(targets)]
+    return {"overlay": {"width": width, "height": height}, "targets": [{"maps": m} for m in maps]}
+
+
 def test_a_write_error_in_a_writer_process_comes_back_as_an_error(tmp_path):
     outdir = OutputDir(tmp_path / "out")
-    summary = {"width": 4, "height": 4, "targets": [{"maps": {"hirescam": {"png": "../../escape.png"}}}]}
+    summary = summary_of("k", 4, 4)
+    summary["targets"][0]["maps"]["hirescam"]["png"] = "../../escape.png"
     writers = Writers(processes=1)
     try:
-        (future,) = writers.submit(outdir, {"hirescam": np.zeros((1, 1, 4, 4, 3), np.uint8)}, [
-            ImageJob("k", summary, row=0, columns=[0], raw_maps=None)
+        (future,) = writers.submit(outdir, np.zeros((1, 1, 4, 4, 3), np.uint8), [
+            ImageJob("k", summary, row=0, maps=[(0, "hirescam", 0)], raw_maps=None)
         ])
         with pytest.raises(OutputError, match="outside"):
             future.result()
@@ -59,18 +68,18 @@ def test_a_write_error_in_a_writer_process_comes_back_as_an_error(tmp_path):
 def test_writer_processes_leave_sigterm_to_the_run(tmp_path):
     """A scheduler's SIGTERM to the whole job must not kill the writers under the run's feet."""
     outdir = OutputDir(tmp_path / "out")
-    summary = {"width": 4, "height": 3, "targets": [{"maps": {"hirescam": {"png": "k/h.png"}}}]}
     writers = Writers(processes=2)
     try:
         for pid in writers.pool._processes:
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.2)
-        pictures = {"hirescam": np.zeros((1, 1, 3, 4, 3), np.uint8)}
-        (future,) = writers.submit(outdir, pictures, [ImageJob("k", summary, 0, [0], None)])
+        pictures = np.zeros((1, 1, 3, 4, 3), np.uint8)
+        job = ImageJob("k", summary_of("k", 4, 3), 0, [(0, "hirescam", 0)], None)
+        (future,) = writers.submit(outdir, pictures, [job])
         future.result(timeout=60)
     finally:
         writers.shutdown()
-    assert (tmp_path / "out/k/h.png").exists()
+    assert (tmp_path / "out/k/hirescam-0.png").exists()
 
 
 SHARED_MEMORY_RUN = """
@@ -79,17 +88,14 @@ from pathlib import Path
 import numpy as np
 from hirescam_cli.outputs import OutputDir
 from hirescam_cli.writers import ImageJob, Writers
+from test_writers import summary_of
 
 out = OutputDir(Path(sys.argv[1]))
 writers = Writers(processes=2)
 for batch in range(5):
-    pictures = {"hirescam": np.full((2, 1, 3, 5, 3), batch, np.uint8)}
-    maps = lambda key: {"hirescam": {"png": f"{key}/h.png"}}
-    jobs = [
-        ImageJob(f"b{batch}-{row}", {"width": 5, "height": 3, "targets": [{"maps": maps(f"b{batch}-{row}")}]},
-                 row=row, columns=[0], raw_maps=None)
-        for row in range(2)
-    ]
+    pictures = np.full((2, 1, 3, 5, 3), batch, np.uint8)
+    keys = [f"b{batch}-{row}" for row in range(2)]
+    jobs = [ImageJob(k, summary_of(k, 5, 3), row, [(0, "hirescam", 0)], None) for row, k in enumerate(keys)]
     for future in writers.submit(out, pictures, jobs):
         future.result()
 print(len(writers._all), *(segment.name for segment in writers._all))
@@ -104,10 +110,98 @@ def test_shared_memory_is_reused_across_batches_and_freed_once(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])},
     )
     assert done.returncode == 0, done.stderr
     count, *names = done.stdout.split()
     assert count == "1"  # every batch found the first segment free again
     assert not any((Path("/dev/shm") / name.lstrip("/")).exists() for name in names)
     assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr
-    assert (tmp_path / "out/b4-1/h.png").exists() and (tmp_path / "out/b4-1/summary.json").exists()
+    assert (tmp_path / "out/b4-1/hirescam-0.png").exists() and (tmp_path / "out/b4-1/summary.json").exists()
+
+
+class GatedOutput(OutputDir):
+    """An OutputDir whose PNG writes wait while its gate is closed (threads only: it is not shared)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.gate = threading.Event()
+
+    def create(self, path: Path, data: bytes) -> None:
+        if path.suffix == ".png":
+            assert self.gate.wait(timeout=60)
+        super().create(path, data)
+
+
+def test_submit_waits_while_earlier_parts_hold_more_than_the_budget(tmp_path):
+    outdir = GatedOutput(tmp_path / "out")
+    part = np.zeros((1, 1, 10, 10, 3), np.uint8)  # 300 bytes
+    writers = Writers(processes=0, budget=500)
+    try:
+        jobs = [ImageJob(key, summary_of(key, 10, 10), 0, [(0, "hirescam", 0)], None) for key in "ab"]
+        first = writers.submit(outdir, part, jobs[:1])
+        assert writers._queued == part.nbytes  # a part larger than the budget always goes: no deadlock
+        later: list = []
+        waiting = threading.Thread(target=lambda: later.extend(writers.submit(outdir, part, jobs[1:])))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and not later  # 300 + 300 > 500: waits for the first part
+        outdir.gate.set()
+        waiting.join(timeout=60)
+        for future in first + later:
+            future.result(timeout=60)
+    finally:
+        outdir.gate.set()
+        writers.shutdown()
+    assert writers._queued == 0
+    assert (tmp_path / "out/b/summary.json").exists()
+
+
+def parts_of(writers, outdir, key: str, summary: dict, pictures: np.ndarray) -> list:
+    """Submit each of an image's pictures (methods x targets) as a part of its own."""
+    pairs = [(m, t) for t, target in enumerate(summary["targets"]) for m in target["maps"]]
+    return [
+        writers.submit(outdir, pictures[c : c + 1], [ImageJob(key, summary, 0, [(0, m, t)], None, False)])[0]
+        for c, (m, t) in enumerate(pairs)
+    ]
+
+
+def test_the_summary_of_an_image_in_parts_waits_for_every_part(tmp_path):
+    outdir = GatedOutput(tmp_path / "out")
+    summary = summary_of("k", 4, 3, methods=("hirescam", "gradcam"), targets=2)
+    writers = Writers(processes=0, threads=8)  # threads to spare: a summary written too early would show
+    try:
+        parts = parts_of(writers, outdir, "k", summary, np.zeros((4, 1, 3, 4, 3), np.uint8))
+        done = writers.finish(outdir, "k", summary, parts)
+        with pytest.raises(TimeoutError):
+            done.result(timeout=0.3)
+        assert not (tmp_path / "out/k/summary.json").exists()
+        outdir.gate.set()
+        done.result(timeout=60)
+    finally:
+        outdir.gate.set()
+        writers.shutdown()
+    assert sorted(p.name for p in (tmp_path / "out/k").iterdir()) == [
+        "gradcam-0.png", "gradcam-1.png", "hirescam-0.png", "hirescam-1.png", "summary.json"
+    ]
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_parts_write_their_pictures_and_a_failed_part_leaves_no_summary(tmp_path, processes):
+    outdir = OutputDir(tmp_path / "out")
+    summary = summary_of("k", 4, 3, methods=("hirescam", "gradcam"), targets=2)
+    pictures = np.arange(4 * 3 * 4 * 3, dtype=np.uint8).reshape(4, 1, 3, 4, 3)
+    bad = summary_of("bad", 4, 3, targets=2)
+    bad["targets"][1]["maps"]["hirescam"]["png"] = "../../escape.png"
+    writers = Writers(processes=processes)
+    try:
+        writers.finish(outdir, "k", summary, parts_of(writers, outdir, "k", summary, pictures)).result(60)
+        failed = writers.finish(outdir, "bad", bad, parts_of(writers, outdir, "bad", bad, pictures[:2]))
+        with pytest.raises(OutputError, match="outside"):
+            failed.result(timeout=60)
+    finally:
+        writers.shutdown()
+    with Image.open(tmp_path / "out/k/hirescam-1.png") as png:  # the third picture: target 1's first
+        assert np.array_equal(np.asarray(png), pictures[2, 0])
+    assert (tmp_path / "out/k/summary.json").exists()
+    assert not (tmp_path / "out/bad").exists()  # its written part stayed in staging: nothing of it shows

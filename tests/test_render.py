@@ -1,0 +1,80 @@
+"""Overlays in bounded parts: the cut covers every picture once within its budget, and changes no bit."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hirescam_cli import render
+
+sizes = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=8)
+
+
+@given(sizes, st.integers(0, 12), st.integers(1, 20_000))
+def test_parts_cover_every_picture_once_in_order_within_the_budget(shapes, channels, budget):
+    parts = render.plan_parts(shapes, channels, budget)
+    covered = [(i, c) for rows, part in parts for i in rows for c in part]
+    assert covered == [(i, c) for i in range(len(shapes)) for c in range(channels)]
+
+    def padded(rows: range) -> int:
+        return max(shapes[i][0] for i in rows) * max(shapes[i][1] for i in rows)
+
+    for k, (rows, part) in enumerate(parts):
+        # within the budget, counted padded to the part's largest picture, unless it is a single picture
+        assert len(rows) * len(part) * padded(rows) <= budget or (len(rows), len(part)) == (1, 1)
+        if len(rows) > 1:
+            assert part == range(channels)  # images together only with all their channels
+        following = parts[k + 1][0] if k + 1 < len(parts) else None
+        if part == range(channels) and following and following.start == rows.stop:  # greedy: the next
+            grown = range(rows.start, rows.stop + 1)  # image would not have fitted
+            assert (len(rows) + 1) * channels * padded(grown) > budget
+
+
+def test_parts_of_small_and_huge_images():
+    small, huge = (480, 640), (2731, 4096)
+    assert render.plan_parts([small] * 8, 2, 2**24) == [(range(8), range(2))]
+    # all six methods, top-6: 36 x 307,200 = 11 M pixels per image, one image a part
+    assert render.plan_parts([small] * 3, 36, 2**24) == [(range(i, i + 1), range(36)) for i in range(3)]
+    cut = render.plan_parts([small, huge, small], 18, 2**24)
+    assert cut[0] == (range(0, 1), range(18))
+    assert cut[1:-1] == [(range(1, 2), range(c, c + 1)) for c in range(18)]  # one 11 M-pixel picture each
+    assert cut[-1] == (range(2, 3), range(18))
+
+
+def draw(maps, boxes, pictures, signed, rows_per_band=None):
+    """Register and overlay maps (N, C, h, w) on pictures (N, 3, H, W), optionally band by band."""
+    table = render.colormap_table("RdBu_r" if signed else "jet")
+    height, width = pictures.shape[2:]
+    band = rows_per_band or height
+    drawn = []
+    for top in range(0, height, band):
+        lines = range(top, min(height, top + band))
+        resampled, inside = render.register(maps, boxes, lines, width)
+        drawn.append(render.overlay(resampled, pictures[:, :, top : lines.stop], inside, table, 0.4, signed))
+    return torch.cat(drawn, 2)
+
+
+def test_cutting_into_images_channels_and_bands_changes_no_bit():
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand((3, 4, 7, 7), generator=generator) * 2 - 1
+    boxes = torch.tensor([[3.5, -2.0, 40.25, 29.0], [0.0, 0.0, 37.0, 23.0], [-5.0, 4.0, 30.0, 31.0]])
+    pictures = torch.randint(0, 256, (3, 3, 23, 37), dtype=torch.uint8, generator=generator)
+    for signed in (False, True):
+        whole = draw(maps, boxes, pictures, signed)
+        assert whole.shape == (3, 4, 23, 37, 3) and whole.dtype == torch.uint8
+        one_by_one = torch.stack(
+            [torch.cat([draw(maps[i : i + 1, c : c + 1], boxes[i : i + 1], pictures[i : i + 1], signed)
+                        for c in range(4)], 1)[0] for i in range(3)]
+        )
+        assert torch.equal(one_by_one, whole)
+        assert torch.equal(draw(maps, boxes, pictures, signed, rows_per_band=5), whole)
+
+
+def test_overlay_blends_the_colour_and_greys_what_the_model_never_saw():
+    table = render.colormap_table("jet")
+    values = torch.tensor([[[[0.0, 1.0, 0.5]]]])  # (1, 1, 1, 3)
+    inside = torch.tensor([[[True, True, False]]])
+    picture = torch.full((1, 3, 1, 3), 100, dtype=torch.uint8)
+    drawn = render.overlay(values.clone(), picture, inside, table, alpha=0.5, signed=False)
+    expected_in = ((100 * 64 + table[[0, 255]].int() * 64 + 64) >> 7).to(torch.uint8)
+    assert torch.equal(drawn[0, 0, 0, :2], expected_in)
+    assert drawn[0, 0, 0, 2].tolist() == [(100 * 64 + render.UNEXPLAINED * 64 + 64) >> 7] * 3
