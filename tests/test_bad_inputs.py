@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from test_cli import config, rgb, run
 
-from hirescam_cli import data
-from hirescam_cli.data import decode, overlay_size
+from hirescam_cli import batches
+from hirescam_cli.modalities.image_files import decode
+from hirescam_cli.modalities.images import overlay_size
 from hirescam_cli.discovery import discover
 
 TESTS = Path(__file__).parent
@@ -111,14 +112,14 @@ def outputs(out: Path, record: dict) -> tuple[dict, dict[str, bytes]]:
 def test_bad_input_corpus_ends_as_outputs_or_clear_errors(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus"
     expect = build_corpus(corpus)
-    locked, read_file = corpus / "locked.png", data.read_file
+    locked, read_file = corpus / "locked.png", batches.read_file
 
     def denied_for_locked(path: Path, max_bytes: int | None) -> bytes:
         if path == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return read_file(path, max_bytes)
 
-    monkeypatch.setattr(data, "read_file", denied_for_locked)  # workers = 0: reads happen in-process
+    monkeypatch.setattr(batches, "read_file", denied_for_locked)  # workers = 0: reads happen in-process
     flags = ["-c", config(tmp_path), "--max-pixels", MAX_PIXELS, "--methods", "hirescam,gradcam"]
     out = tmp_path / "out"
     code, _, err = run(["explain", corpus, "-o", out, *flags], capsys)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hirescam_cli import pipeline, render, resources
 from hirescam_cli.cli import main
-from hirescam_cli.data import Preprocess
+from hirescam_cli.modalities.images import Preprocess
 
 TESTS = Path(__file__).parent
 CONFIG = """
@@ -425,7 +425,7 @@ def test_threshold_targets_each_get_their_own_class_map(tmp_path, capsys):
     from tiny_models import tiny_net
 
     from hirescam_cli import Explainer
-    from hirescam_cli.data import decode
+    from hirescam_cli.modalities.image_files import decode
 
     text = CONFIG.format(factory="tiny_net").replace("[preprocess]", "multilabel = true\n[preprocess]")
     (tmp_path / "c.toml").write_text(text)
