@@ -14,7 +14,7 @@ from hirescam_cli.metrics import localisation
 
 CONFIG = """
 [model]
-factory = "hirescam_cli.demo.net:DemoNet"
+factory = "hirescam_cli.demo.net:load_demo_model"
 labels = "{labels}"
 multilabel = true
 [preprocess]
