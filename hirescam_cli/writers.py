@@ -7,10 +7,11 @@ a batch's pictures reach them through one shared-memory segment instead of a pip
 about 200 MB/s; a batch of 32 pictures pairs at 640 x 480 is 60 MB).
 """
 
+import contextlib
 import multiprocessing
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -42,10 +43,12 @@ class Writers:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             resource_tracker.ensure_running()  # one tracker for the run's segments, shared with the writers
             context = multiprocessing.get_context(method)
-            self.pool: Executor = ProcessPoolExecutor(
-                processes, mp_context=context, initializer=_leave_signals_to_the_run
-            )
-            self.pool.submit(int).result()
+            with _signals_blocked():  # writers forked now start with them blocked, so none dies of one
+                self.pool: Executor = ProcessPoolExecutor(
+                    processes, mp_context=context, initializer=_leave_signals_to_the_run
+                )
+                started = self.pool.submit(int)  # forks every writer
+            started.result()
         else:
             self.pool = ThreadPoolExecutor(threads, thread_name_prefix="hirescam-writer")
         self._free: list[shared_memory.SharedMemory] = []
@@ -120,8 +123,26 @@ def _write_shared(outdir: OutputDir, job: ImageJob, shared: dict) -> None:
     _write_own(outdir, job, pictures)
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM in this thread for the block (processes forked in it inherit the mask)."""
+    if not hasattr(signal, "pthread_sigmask"):  # no fork there either: writers are spawned
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _leave_signals_to_the_run() -> None:
     """Writer processes leave Ctrl-C and SIGTERM (a scheduler stopping the whole job) to the run, which
     stops at a batch boundary and waits for them, as the decoding workers do."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for number in _SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # held since the fork; pending ones are dropped
