@@ -15,9 +15,9 @@ from PIL import Image
 from test_cli import config, rgb, run
 
 from hirescam_cli import batches
+from hirescam_cli.discovery import discover
 from hirescam_cli.modalities.image_files import decode
 from hirescam_cli.modalities.images import overlay_size
-from hirescam_cli.discovery import discover
 
 TESTS = Path(__file__).parent
 MAX_PIXELS = 1_000_000

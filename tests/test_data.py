@@ -52,7 +52,7 @@ def decode(data: bytes, max_pixels: int | None, resize=None) -> torch.Tensor:
     return torch.from_numpy(image_files.decode(data, max_pixels, resize))
 
 
-def ImageDataset(items, preprocess, max_pixels, skip=None, overlay_side=None) -> InputDataset:  # noqa: N802
+def ImageDataset(items, preprocess, max_pixels, skip=None, overlay_side=None) -> InputDataset:
     """The dataset of a pictures run with this preprocessing."""
     return InputDataset(items, Images(preprocess, max_pixels, overlay_side), skip)
 

@@ -3,6 +3,7 @@
 import json
 
 import torch
+from determinism import noise, seeded
 from PIL import Image
 from test_cli import run
 from torch import nn
@@ -13,7 +14,7 @@ from hirescam_cli.metrics import localisation
 
 CONFIG = """
 [model]
-factory = "hirescam_cli.demo.net:DemoNet"
+factory = "hirescam_cli.demo.net:load_demo_model"
 labels = "{labels}"
 multilabel = true
 [preprocess]
@@ -64,17 +65,17 @@ def test_eval_on_a_tiny_set_reports_every_method_and_bad_masks(tmp_path, capsys)
 def test_planted_model_hirescam_energy_is_all_inside_the_used_positions():
     """Final linear weights are zero outside a known set of positions: HiResCAM puts all its
     positive mass there, exactly; Grad-CAM spreads some outside."""
-    torch.manual_seed(0)
-    features = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=4, padding=1)
-    )
-    head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 2))
+    with seeded():
+        features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=4, padding=1)
+        )
+        head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 2))
     used = torch.zeros(8, 8, dtype=torch.bool)
     used[2:5, 3:6] = True
     with torch.no_grad():
         head[1].weight.view(2, 6, 8, 8)[:, :, ~used] = 0
     model = nn.Sequential(features, head)
-    x = torch.randn(16, 3, 32, 32)
+    x = noise(16, 3, 32, 32, seed=1)
     with Explainer(model, "0") as explainer:
         result = explainer(x, classes=0)
     masks = used.expand(16, 8, 8)  # at the map's resolution, so no interpolation blurs the edge

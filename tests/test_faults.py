@@ -225,7 +225,6 @@ def test_torchvision_weights_name_with_a_local_checkpoint(tmp_path, capsys, monk
         raise AssertionError("must not download when a checkpoint is given")
 
     monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
-    torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     folder(tmp_path / "images", 1, size=(300, 200))
     args = ["explain", tmp_path / "images", "-o", tmp_path / "out", "--model", "resnet18", "-q"]

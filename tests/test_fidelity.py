@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hirescam_cli.layers import trace_layers
+from determinism import noise, seeded
 from test_cli import config, rgb, run
 from tiny_models import gap_net, tiny_net, tiny_swin, tiny_vit
 from torch import nn
 
 from hirescam_cli import Explainer
-from hirescam_cli.engine import constant_over_grid, occluded_copies
+from hirescam_cli.engine.diagnostics import constant_over_grid
+from hirescam_cli.engine.layers import trace_layers
+from hirescam_cli.engine.occlusion import occluded_copies
 from hirescam_cli.metrics import fidelity, rank_correlation
 
 SAMPLES = Path(__file__).parent.parent / "sample_images"
@@ -60,9 +62,9 @@ class SkipPastTheLayer(nn.Module):
     """A skip connection from below the target layer to above it: a larger batch after the layer
     cannot be added to it, so occlusion must fall back to repeating the input."""
 
+    @seeded(1)
     def __init__(self):
         super().__init__()
-        torch.manual_seed(1)
         self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
         self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
         self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
@@ -73,7 +75,7 @@ class SkipPastTheLayer(nn.Module):
 
 
 def test_occluded_copies_are_image_major_with_one_position_zeroed_each():
-    act = torch.randn(2, 3, 2, 3)
+    act = noise(2, 3, 2, 3)
     positions = torch.tensor([4, 0])
     copies = occluded_copies(act, positions).view(2, 3, 3, 2, 3)
     for image in range(2):
@@ -87,7 +89,8 @@ def test_occluded_copies_are_image_major_with_one_position_zeroed_each():
 def test_hirescam_is_exactly_faithful_and_gradcam_mass_on_unused_is_the_known_value():
     used = [torch.tensor([0, 6, 12, 18, 24]), torch.tensor([2, 3, 7, 8, 9])]
     model = planted_head(used)
-    x = torch.rand(6, 1, 5, 5) + 0.1  # positive activations everywhere
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 5, 5, generator=generator) + 0.1  # positive activations everywhere
     with Explainer(model, "0") as explainer:
         result = explainer(x, classes=[0, 1])
         delta = explainer.occlusion(x, result.classes)
@@ -108,7 +111,7 @@ def test_hirescam_is_exactly_faithful_and_gradcam_mass_on_unused_is_the_known_va
 
 def test_batched_occlusion_equals_one_position_at_a_time_for_any_chunk():
     model = tiny_net()
-    x = torch.randn(3, 3, 16, 16)
+    x = noise(3, 3, 16, 16)
     classes = torch.tensor([[0, 2]] * 3)
     expected = occlusion_one_by_one(model, "3", x, classes)
     with Explainer(model, "3") as explainer:
@@ -120,7 +123,7 @@ def test_batched_occlusion_equals_one_position_at_a_time_for_any_chunk():
 
 def test_fallback_repeats_the_input_and_gives_the_same_delta():
     model = SkipPastTheLayer()
-    x = torch.randn(3, 3, 16, 16)
+    x = noise(3, 3, 16, 16)
     classes = torch.tensor([[1]] * 3)
     expected = occlusion_one_by_one(model, "block", x, classes)
     with Explainer(model, "block") as explainer:
@@ -131,7 +134,7 @@ def test_fallback_repeats_the_input_and_gives_the_same_delta():
 
 def test_sampled_positions_are_measured_and_the_rest_are_nan():
     model = tiny_net()
-    x = torch.randn(2, 3, 16, 16)
+    x = noise(2, 3, 16, 16)
     with Explainer(model, "3") as explainer:
         full = explainer.occlusion(x, 0)
         part = explainer.occlusion(x, 0, positions=torch.tensor([3, 10, 63]))
@@ -152,7 +155,7 @@ def test_rank_correlation_handles_ties_and_unmeasured_entries():
 
 
 def test_identical_by_construction_on_a_gap_head_not_on_a_flatten_head():
-    x = torch.randn(4, 3, 16, 16)
+    x = noise(4, 3, 16, 16)
     with Explainer(gap_net(), "3") as explainer:
         result = explainer(x, top_k=2)
         assert result.identical_by_construction.all()
@@ -239,17 +242,17 @@ def test_eval_samples_positions_when_asked(tmp_path, capsys):
 def test_planted_conv_model_gradcam_puts_mass_where_the_model_does_not_look():
     """Trained-like features, final weights zero outside a known block: HiResCAM follows Delta
     exactly there; Grad-CAM puts positive mass on positions whose removal changes nothing."""
-    torch.manual_seed(0)
-    features = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=4, padding=1)
-    )
-    head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 2))
+    with seeded():
+        features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=4, padding=1)
+        )
+        head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 2))
     used = torch.zeros(8, 8, dtype=torch.bool)
     used[2:5, 3:6] = True
     with torch.no_grad():
         head[2].weight.view(2, 6, 8, 8)[:, :, ~used] = 0
     model = nn.Sequential(features, head)
-    x = torch.randn(8, 3, 32, 32)
+    x = noise(8, 3, 32, 32, seed=1)
     with Explainer(model, "0") as explainer:
         result = explainer(x, classes=0)
         delta = explainer.occlusion(x, result.classes)
@@ -298,7 +301,7 @@ def zero_channels_last(out, p):  # (B, h, w, K)
 )
 def test_occlusion_reads_tokens_and_channels_last_through_the_layout(factory, layer, zero_at, batched):
     model = factory()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = noise(2, 3, 32, 32, seed=1)
     with Explainer(model, layer) as explainer:
         delta = explainer.occlusion(x, [0, 2])
         grid = explainer.layout(x).grid

@@ -2,14 +2,16 @@
 
 import pytest
 import torch
-from hirescam_cli.layouts import Layout, LayoutError, LayoutSpec, ModelHints, infer, module_evidence
+from determinism import noise
 from torch import nn
+
+from hirescam_cli.engine.layouts import Layout, LayoutError, LayoutSpec, ModelHints, infer, module_evidence
 
 HINTS_224 = ModelHints(input_size=(224, 224))
 
 
 def test_nhwc_reads_the_last_axis_as_channels():
-    raw = torch.randn(2, 3, 5, 7)  # (B, h, w, K)
+    raw = noise(2, 3, 5, 7)  # (B, h, w, K)
     layout = Layout("nhwc", (3, 5))
     grid = layout.to_map(raw)
     assert grid.shape == (2, 7, 3, 5)
@@ -19,7 +21,7 @@ def test_nhwc_reads_the_last_axis_as_channels():
 
 
 def test_tokens_drop_the_prefix_and_fill_the_grid_row_major():
-    raw = torch.randn(2, 2 + 3 * 4, 5)  # 2 prefix tokens, then a 3x4 grid of 5 channels
+    raw = noise(2, 2 + 3 * 4, 5)  # 2 prefix tokens, then a 3x4 grid of 5 channels
     layout = Layout("tokens", (3, 4), 2)
     grid = layout.to_map(raw)
     assert grid.shape == (2, 5, 3, 4)
@@ -31,7 +33,7 @@ def test_tokens_drop_the_prefix_and_fill_the_grid_row_major():
 
 
 def test_from_map_takes_a_multiple_batch_with_each_images_prefix_repeated():
-    raw = torch.randn(2, 1 + 4, 3)
+    raw = noise(2, 1 + 4, 3)
     layout = Layout("tokens", (2, 2), 1)
     grid = layout.to_map(raw).repeat_interleave(3, 0) * torch.arange(1.0, 7.0)[:, None, None, None]
     out = layout.from_map(grid, raw)

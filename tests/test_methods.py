@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from determinism import noise, seeded
 from torch import nn
 
 from hirescam_cli import METHODS, Explainer
 from hirescam_cli.render import normalize
 
-torch.manual_seed(0)
 RTOL, ATOL = 1e-5, 1e-4
 
 
@@ -22,18 +22,22 @@ class Split(nn.Module):
         return self.head(self.features(x))
 
 
+@seeded()
 def conv_features(channels: int = 6) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, channels, 3, stride=2))
 
 
+@seeded()
 def flatten_fc(channels: int = 6, side: int = 4, classes: int = 5) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, classes))
 
 
+@seeded()
 def full_kernel_conv(channels: int = 6, side: int = 4, classes: int = 5) -> nn.Module:
     return nn.Sequential(nn.Conv2d(channels, classes, side), nn.Flatten())
 
 
+@seeded()
 def gap_fc(channels: int = 6, classes: int = 5) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
 
@@ -48,7 +52,7 @@ def bias_of(head: nn.Module) -> torch.Tensor:
     return last.bias.detach()
 
 
-X = torch.randn(3, 3, 10, 10)
+X = noise(3, 3, 10, 10)
 
 
 class KnownValueNet(nn.Module):
@@ -96,7 +100,8 @@ def test_p1_completeness_affine_head(head):
 
 
 def test_p1_guarantee_off_for_nonlinear_head():
-    head = nn.Sequential(nn.Flatten(), nn.Linear(96, 16), nn.ReLU(), nn.Linear(16, 5))
+    with seeded():
+        head = nn.Sequential(nn.Flatten(), nn.Linear(96, 16), nn.ReLU(), nn.Linear(16, 5))
     result = explain(Split(conv_features(), head), X, 0)
     assert not result.guarantee
 
@@ -107,7 +112,7 @@ def test_p2_locality_hirescam_zero_where_the_model_looks_away():
     used[1:3, 0:2] = True  # the only positions class 2 reads
     with torch.no_grad():
         model.head[1].weight.view(5, 6, 4, 4)[2][:, ~used] = 0.0
-    result = explain(model, torch.randn(8, 3, 10, 10), 2)
+    result = explain(model, noise(8, 3, 10, 10, seed=1), 2)
     hires, grad = result.maps["hirescam"][:, 0], result.maps["gradcam"][:, 0]
     assert (hires[:, ~used] == 0).all()
     assert (hires.clamp_min(0)[:, ~used].sum() == 0).item()
@@ -141,7 +146,8 @@ def test_p4_global_average_pool_makes_methods_equal_cam():
 
 
 def test_p6_difference_is_n_times_covariance():
-    head = nn.Sequential(nn.Conv2d(6, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5), nn.Tanh())
+    with seeded():
+        head = nn.Sequential(nn.Conv2d(6, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5), nn.Tanh())
     model = Split(conv_features(), head)
     result = explain(model, X, 4)
     acts = model.features(X).detach().requires_grad_()
@@ -172,7 +178,7 @@ def test_p9_sigmoid_target_scales_maps_but_not_normalised_maps():
 
 
 def test_p10_non_positive_maps_normalise_to_zero():
-    maps = torch.stack([-torch.rand(4, 4), torch.zeros(4, 4), torch.full((4, 4), 3.0)])
+    maps = torch.stack([-noise(4, 4).abs(), torch.zeros(4, 4), torch.full((4, 4), 3.0)])
     out = normalize(maps)
     assert torch.isfinite(out).all()
     assert (out == 0).all()

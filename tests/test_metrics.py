@@ -72,7 +72,8 @@ def test_degenerate_maps_and_masks() -> None:
     maps = torch.stack([torch.zeros(8, 8), -torch.ones(8, 8)])
     result = localisation(maps, mask.repeat(2, 1, 1))
     assert result["energy"].tolist() == [0.0, 0.0]
-    empty = localisation(torch.rand(1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool))
+    generator = torch.Generator().manual_seed(0)
+    empty = localisation(torch.rand(1, 8, 8, generator=generator), torch.zeros(1, 8, 8, dtype=torch.bool))
     assert all(math.isnan(v.item()) for v in empty.values())
 
 
@@ -96,9 +97,9 @@ def test_pointing_game_on_a_known_coarse_peak() -> None:
 
 def test_deletion_and_insertion_of_a_pixel_sum() -> None:
     """For a sum of non-negative pixels, deletion falls and insertion rises, and they add up."""
-    torch.manual_seed(0)
-    inputs = torch.rand(3, 2, 16, 16)
-    maps = torch.rand(3, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.rand(3, 2, 16, 16, generator=generator)
+    maps = torch.rand(3, 4, 4, generator=generator)
     result = deletion_insertion(PixelSum(), inputs, torch.tensor([0, 0, 1]), maps, steps=8, score_fn=identity)
     total = inputs.flatten(1).sum(1)
     deletion, insertion = result["deletion"], result["insertion"]
@@ -114,8 +115,7 @@ def test_deletion_and_insertion_of_a_pixel_sum() -> None:
 
 def test_true_importance_deletes_fastest() -> None:
     """Ranking pixels by their real contribution gives the lowest deletion AUC of any map."""
-    torch.manual_seed(1)
-    inputs = torch.rand(1, 1, 8, 8)
+    inputs = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     classes = torch.tensor([0])
     kwargs = {"steps": 64, "score_fn": identity}
     best = deletion_insertion(PixelSum(), inputs, classes, inputs[:, 0], **kwargs)
@@ -128,11 +128,12 @@ def test_true_importance_deletes_fastest() -> None:
 @given(st.floats(-5, 5), st.integers(1, 20))
 def test_auc_of_a_constant_curve_is_the_constant(value: float, steps: int) -> None:
     """A model that ignores its input has flat curves whose AUC equals the constant."""
+    generator = torch.Generator().manual_seed(0)
     result = deletion_insertion(
         Constant(value),
-        torch.rand(2, 3, 8, 8),
+        torch.rand(2, 3, 8, 8, generator=generator),
         torch.zeros(2, dtype=torch.long),
-        torch.rand(2, 2, 2),
+        torch.rand(2, 2, 2, generator=generator),
         steps=steps,
         score_fn=identity,
     )
@@ -143,8 +144,8 @@ def test_auc_of_a_constant_curve_is_the_constant(value: float, steps: int) -> No
 
 def test_chunking_and_sigmoid_default() -> None:
     """Chunk size does not change the curves; the default score is the sigmoid of the logit."""
-    torch.manual_seed(2)
-    inputs, maps = torch.rand(2, 1, 6, 6) / 10, torch.rand(2, 3, 3)
+    generator = torch.Generator().manual_seed(2)
+    inputs, maps = torch.rand(2, 1, 6, 6, generator=generator) / 10, torch.rand(2, 3, 3, generator=generator)
     classes = torch.tensor([0, 1])
     small = deletion_insertion(PixelSum(), inputs, classes, maps, steps=5, chunk=1)
     large = deletion_insertion(PixelSum(), inputs, classes, maps, steps=5, chunk=1000)

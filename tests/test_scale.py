@@ -20,12 +20,12 @@ from test_faults import folder, tree
 
 from hirescam_cli import outputs, resources
 from hirescam_cli.batches import InputDataset, make_loader
-from hirescam_cli.modalities.image_files import ImageError, decode
-from hirescam_cli.modalities.images import Images, Preprocess
 from hirescam_cli.discovery import InputError, catalogue, discover
 from hirescam_cli.distributed import Share
 from hirescam_cli.errors import EXIT_LOCKED, EXIT_RANK_LOST
 from hirescam_cli.lock import OutLock, OutputLocked
+from hirescam_cli.modalities.image_files import ImageError, decode
+from hirescam_cli.modalities.images import Images, Preprocess
 
 TESTS = Path(__file__).parent
 TIMEOUT = 240  # seconds any subprocess may take before the test fails (and kills it): nothing hangs

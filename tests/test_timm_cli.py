@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from determinism import seeded
 from safetensors.torch import save_file
 from test_cli import TESTS, rgb, run
 
@@ -23,8 +24,8 @@ def importable_tiny_models(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
 
 
+@seeded()
 def test_vit(num_classes: int = 1000) -> torch.nn.Module:
-    torch.manual_seed(0)
     return timm.create_model("test_vit", num_classes=num_classes)
 
 
@@ -77,7 +78,6 @@ def test_timm_weights_offline_fail_at_once_and_say_to_pass_a_checkpoint(tmp_path
 
 
 def test_safetensors_checkpoints_load_torchvision_models_too(tmp_path):
-    torch.manual_seed(0)
     source = torchvision.models.resnet18(num_classes=3)
     save_file(source.state_dict(), tmp_path / "r18.safetensors")
     target = torchvision.models.resnet18(num_classes=3)

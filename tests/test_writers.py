@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hirescam_cli.writers import ImageJob, Writers
 from PIL import Image
 from test_cli import config, rgb, run
 
 from hirescam_cli import resources
 from hirescam_cli.outputs import OutputDir, OutputError
-from hirescam_cli.writers import ImageJob, Writers
 
 TESTS = Path(__file__).parent
 

@@ -1,15 +1,16 @@
-"""Tiny models that test configs name as `factory = "tiny_models:..."`."""
+"""Tiny models that test configs name as `factory = "tiny_models:..."`, each built under a fixed seed."""
 
 import torch
+from determinism import seeded
 from torch import nn
 
 
 def _features() -> list[nn.Module]:
-    """Conv features to a 4-channel 8x8 map for 16x16 inputs (seeded)."""
-    torch.manual_seed(0)
+    """Conv features to a 4-channel 8x8 map for 16x16 inputs."""
     return [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()]
 
 
+@seeded()
 def tiny_net() -> nn.Module:
     """Conv features to an 8x8 map (for 16x16 inputs), then flatten + linear: HiResCAM's guarantee holds."""
     return nn.Sequential(*_features(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
@@ -70,11 +71,11 @@ def gated_net() -> nn.Module:
     return _Gated(tiny_net())
 
 
+@seeded()
 def tiny_vit() -> nn.Module:
     """A torchvision VisionTransformer for 32x32 inputs: a class token and a 4x4 patch grid."""
     import torchvision
 
-    torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
     )
@@ -82,26 +83,27 @@ def tiny_vit() -> nn.Module:
     return model
 
 
+@seeded()
 def untrained_vit() -> nn.Module:
     """tiny_vit as torchvision builds it: an all-zero head, so no score depends on any token."""
     import torchvision
 
-    torch.manual_seed(0)
     return torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
     )
 
 
+@seeded()
 def tiny_swin() -> nn.Module:
     """A torchvision SwinTransformer for 32x32 inputs: channels-last stages of 8x8 and 4x4."""
     import torchvision
 
-    torch.manual_seed(0)
     return torchvision.models.SwinTransformer(
         patch_size=[4, 4], embed_dim=12, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=3
     )
 
 
+@seeded()
 def gap_net() -> nn.Module:
     """tiny_net's features, then global average pooling + linear: HiResCAM == Grad-CAM at "3"."""
     return nn.Sequential(*_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
