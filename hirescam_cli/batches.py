@@ -140,7 +140,7 @@ def collate(samples: list[Sample], views: Callable[[list[Any]], Any]) -> Batch:
     good = [s for s in samples if s.input is not None]
     sizes = sorted({tuple(s.input.shape[1:]) for s in good})
     if len(sizes) > 1:
-        shown = ", ".join("x".join(map(str, size[1:])) for size in sizes)
+        shown = ", ".join("x".join(map(str, size)) for size in sizes)
         raise ValueError(
             f"cannot batch model inputs of different sizes ({shown}): set a crop or an exact (h, w) resize, "
             "or use batch size 1"
