@@ -45,6 +45,7 @@ except ImportError:  # the fast encoder is optional: PNGs then come from zlib (-
 SCHEMA = "hirescam-cli/summary/1"
 SUMMARY_NAME = "summary.json"
 LOCK_NAME = ".lock"
+COMMIT_TRIES = 100  # renames of a folder into place before giving up on a parent that keeps changing
 # names under OUT that no input key takes
 RESERVED = ("results.jsonl", "run.json", "eval.json", "eval.html", "report", ".tmp", LOCK_NAME)
 
@@ -225,13 +226,19 @@ class OutputDir:
 
         Without an atomic exchange the old folder is moved aside first: a kill between that rename and the
         next leaves no folder at all (the input is then not done, and the next run redoes it), never a mix.
+        The parent may be replaced meanwhile (an input whose key this one extends, swapping its own set):
+        the rename then finds a removed folder, and is tried again in the new one.
         """
-        target.parent.mkdir(parents=True, exist_ok=True)
         replaced = []
-        while True:
+        for _ in range(COMMIT_TRIES):
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(staging, target)  # no folder there (or an empty one)
                 return replaced
+            except FileNotFoundError:
+                if not staging.exists():
+                    raise
+                continue
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
@@ -244,6 +251,7 @@ class OutputDir:
                 replaced.append(aside)
             except FileNotFoundError:  # the folder went meanwhile: rename into its place
                 continue
+        raise OutputError(f"cannot put {target} in place: its folder kept changing")
 
     def _temp_path(self) -> Path:
         """A fresh name in this process's temp folder."""
