@@ -77,7 +77,7 @@ class SkipPastTheLayer(nn.Module):
 def test_occluded_copies_are_image_major_with_one_position_zeroed_each():
     act = noise(2, 3, 2, 3)
     positions = torch.tensor([4, 0])
-    copies = occluded_copies(act, positions).view(2, 3, 3, 2, 3)
+    copies = occluded_copies(act.flatten(2), positions).view(2, 3, 3, 2, 3)
     for image in range(2):
         assert torch.equal(copies[image, 0], act[image])
         for n, p in enumerate(positions.tolist()):
@@ -170,9 +170,9 @@ def test_identical_by_construction_on_a_gap_head_not_on_a_flatten_head():
         assert explainer.differing_layer(x) == "2"
     with Explainer(tiny_net(), "3") as explainer:
         assert not explainer(x, top_k=2).identical_by_construction.any()
-    grads = torch.ones(1, 1, 2, 3, 3)
+    grads = torch.ones(1, 1, 2, 3 * 3)  # (B, T, K, N)
     assert constant_over_grid(grads).item()
-    grads[0, 0, 1, 2, 2] += 1e-3
+    grads[0, 0, 1, 8] += 1e-3
     assert not constant_over_grid(grads).item()
 
 
