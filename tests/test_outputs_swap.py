@@ -171,7 +171,8 @@ def test_nested_keys_keep_each_other_across_redos(tmp_path, capsys, writer_kind)
     out = tmp_path / "out"
     common = ["-c", config(tmp_path), "-q"]
     for classes in ("0,1", "2", "1"):
-        assert run(["explain", images, "-o", out, *common, "--classes", classes], capsys)[0] == 0
+        code, _, err = run(["explain", images, "-o", out, *common, "--classes", classes], capsys)
+        assert code == 0, err
         assert statuses(out) == ["ok"] * 3
         assert sorted(assert_whole(out)) == ["a%01.png", "a%01.png/b.png", "a%01.png/c.png"]
     assert run(["explain", images, "-o", tmp_path / "reference", *common, "--classes", "1"], capsys)[0] == 0
