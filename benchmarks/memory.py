@@ -67,7 +67,10 @@ print(json.dumps({"count": count, "imported_kib": imported, "peak_kib": peak, "s
 
 MODELS = {
     "tiny": '[model]\nfactory = "tiny_models:tiny_net"\n[preprocess]\nresize = 16\ncrop = 16\n',
-    "resnet18": '[model]\narch = "resnet18"\nnum_classes = 10\n[preprocess]\nresize = 64\ncrop = 64\n',
+    "resnet18": (
+        '[model]\narch = "resnet18"\nweights = "none"\nnum_classes = 10\n'
+        "[preprocess]\nresize = 64\ncrop = 64\n"
+    ),
 }
 
 # Runs the CLI in this process, then reports peak RSS in KiB (Linux ru_maxrss unit) on the last stderr line:

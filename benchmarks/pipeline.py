@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     explain = {"batch_size": args.batch_size, "workers": args.workers, "device": args.device, "amp": args.amp}
     raw = {
-        "model": {"arch": args.arch},
+        "model": {"arch": args.arch, "weights": "none"},  # random weights, seeded: no download
         "explain": {k: v for k, v in explain.items() if v is not None},
         "output": {"png": args.png},
     }
