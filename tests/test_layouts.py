@@ -52,7 +52,8 @@ def test_every_rank_reads_channels_first_and_last_as_the_same_flat_positions(gri
     last = first.movedim(1, -1).contiguous()  # (B, *grid, K)
     a, b = Layout("nchw", grid), Layout("nhwc", grid)
     assert a.fits(tuple(first.shape)) and b.fits(tuple(last.shape)) and not a.fits(tuple(last.shape))
-    assert torch.equal(a.to_flat(first), b.to_flat(last)) and a.to_flat(first).shape == (2, 5, first[0, 0].numel())
+    assert torch.equal(a.to_flat(first), b.to_flat(last))
+    assert a.to_flat(first).shape == (2, 5, first[0, 0].numel())
     assert torch.equal(a.from_flat(a.to_flat(first), first), first)
     assert torch.equal(b.from_flat(b.to_flat(last), last), last)
     assert a.name == {1: "ncl", 2: "nchw", 3: "ncdhw"}[len(grid)] and b.to_dict()["kind"] == b.name
