@@ -133,3 +133,22 @@ def test_rank_the_config_excludes_and_non_spatial_shapes_are_refused():
 def test_the_config_cannot_read_a_conv_channels_last():
     with pytest.raises(LayoutError, match=r"outputs nchw by its module type, not model\.layout = nhwc"):
         infer("conv", (1, 56, 56, 56), HINTS_224, LayoutSpec("nhwc"), evidence="nchw")
+
+
+def test_tokens_and_channels_last_at_three_grid_axes():
+    hints = ModelHints(input_size=(8, 12, 16), prefix_tokens=1, patch_grid=(2, 3, 4))
+    assert infer("blocks.1", (1, 1 + 24, 8), hints) == Layout("tokens", (2, 3, 4), 1)
+    tokens = noise(2, 1 + 24, 8)
+    flat = Layout("tokens", (2, 3, 4), 1).to_flat(tokens)
+    assert flat.shape == (2, 8, 24) and torch.equal(flat[:, :, 5], tokens[:, 1 + 5])
+    linear = nn.Linear(4, 8)
+    assert module_evidence(linear, (1, 2, 3, 4, 8)) == "nhwc"  # K last: a channels-last 3-D map
+    assert infer("mlp", (1, 2, 3, 4, 8), hints, evidence="nhwc") == Layout("nhwc", (2, 3, 4))
+    assert Layout("nhwc", (2, 3, 4)).name == "ndhwc"
+
+
+def test_a_one_dimensional_model_reads_a_conv_output_as_a_map_not_tokens():
+    hints = ModelHints(input_size=(64,))
+    assert infer("conv", (1, 16, 32), hints, evidence="nchw") == Layout("nchw", (32,))
+    with pytest.raises(LayoutError, match="tokens"):  # beside a 2-D input it is read as tokens
+        infer("conv", (1, 16, 32), ModelHints(input_size=(8, 8)), evidence="nchw")
