@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .. import render
-from ..batches import Batch
 from ..config import Config
 from ..engine.explainer import Explanation
 from ..render import Part
@@ -28,10 +27,11 @@ class Renderer:
         self.table = render.colormap_table(config.render.colormap, device)
         self.signed_table = render.colormap_table(config.render.signed_colormap, device)
 
-    def parts(self, result: Explanation, batch: Batch) -> Iterator[Part]:
-        """The batch's overlays in order, in parts of at most PART_PIXELS pixels (one picture at least),
-        each drawn in bands of rows of at most RENDER_PIXELS pixels. An image's picture is dropped from
-        the batch's views once its overlays are drawn, so that a batch of huge photos is not held whole."""
+    def parts(self, result: Explanation, batch) -> Iterator[Part]:
+        """The overlays of a batch (a batches.Batch) in order, in parts of at most PART_PIXELS pixels (one
+        picture at least), each drawn in bands of rows of at most RENDER_PIXELS pixels. An image's picture
+        is dropped from the batch's views once its overlays are drawn, so a batch of huge photos is not held
+        whole."""
         targets = result.classes.shape[1]
         values = {}
         for name in self.methods:
