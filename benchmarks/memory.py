@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from hirescam_cli.methods import METHODS
+from hirescam_cli.engine.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.2

@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 
 from hirescam_cli import resources
+from hirescam_cli.batches import InputDataset, make_loader
 from hirescam_cli.config import build
-from hirescam_cli.data import ImageDataset, make_loader
 from hirescam_cli.discovery import discover
-from hirescam_cli.models import load_model
-from hirescam_cli.pipeline import make_preprocess, pick_device
 from hirescam_cli.run import run_explain
+from hirescam_cli.session import Session, pick_device
 
 
 def make_images(folder: Path, count: int) -> None:
@@ -43,14 +42,9 @@ def make_images(folder: Path, count: int) -> None:
 
 def inference_only(config, inputs: list[str]) -> float:
     """Seconds for the same loader (same workers, threads, batch size) feeding a plain inference forward."""
-    loaded = load_model(config.model)
-    device = pick_device(config.explain.device)
-    chosen = resources.choose(device, config.explain.workers, config.explain.batch_size)
-    torch.set_num_threads(chosen.threads)
-    model = loaded.module.to(device)
-    dataset = ImageDataset(
-        discover(inputs), make_preprocess(config.preprocess, None), config.preprocess.max_pixels
-    )
+    session = Session.open(config, explainer=False, pictures=False)  # the run's device, resources, model
+    device, chosen, model = session.device, session.resources, session.loaded.module
+    dataset = InputDataset(discover(inputs), session.modality)
     loader = make_loader(dataset, chosen.batch_size, chosen.workers, pin_memory=device.type == "cuda")
     amp = torch.autocast(device.type, enabled=config.explain.amp and device.type == "cuda")
     start = time.perf_counter()

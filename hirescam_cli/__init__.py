@@ -11,7 +11,7 @@ def __getattr__(name: str):
 
         return getattr(engine, name)
     if name == "METHODS":
-        from .methods import METHODS
+        from .engine.methods import METHODS
 
         return METHODS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

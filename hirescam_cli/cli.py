@@ -11,6 +11,7 @@ import click
 from . import __version__
 from .config import load
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, UsageError
+from .sources import has_source_prefix
 
 EXIT_CODES = {
     0: "every input explained or skipped",
@@ -39,10 +40,10 @@ def _classes(value: str | None) -> list[int | str] | None:
 
 
 def _model_flags(model: str | None) -> dict:
-    """--model NAME is a torchvision arch, timm:NAME a timm one; --model pkg.mod:fn is a factory."""
+    """--model NAME is a torchvision arch, timm:NAME (a hub prefix) a hub's; --model pkg.mod:fn a factory."""
     if model is None:
         return {}
-    factory = ":" in model and not model.startswith("timm:")
+    factory = ":" in model and not has_source_prefix(model)
     return {"model.factory": model} if factory else {"model.arch": model}
 
 

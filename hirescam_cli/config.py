@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .engine.methods import METHODS
 from .errors import UsageError
-from .methods import METHODS
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "demo.toml"
 Size = int | tuple[int, int]
@@ -15,6 +15,11 @@ Size = int | tuple[int, int]
 
 class ConfigError(UsageError):
     """A config or flag value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    kind: str = "images"  # the modality of the inputs (hirescam_cli.modalities)
 
 
 @dataclass(frozen=True)
@@ -67,10 +72,12 @@ class OutputConfig:
     save_raw: bool = False
     png: str = "fast"  # fast: fpng; small: zlib, ~25% smaller files, ~20x slower to encode
     max_side: int = 4096  # overlays of images with a longer side are scaled down to it (aspect kept)
+    sink: str = "folders"  # where the outputs go (hirescam_cli.sinks)
 
 
 @dataclass(frozen=True)
 class Config:
+    input: InputConfig
     model: ModelConfig
     preprocess: PreprocessConfig
     explain: ExplainConfig
@@ -91,6 +98,7 @@ class Config:
 
 
 SECTIONS = {
+    "input": InputConfig,
     "model": ModelConfig,
     "preprocess": PreprocessConfig,
     "explain": ExplainConfig,
@@ -242,6 +250,7 @@ def _png(key: str, value: Any, _base: Path) -> str:
 
 
 VALIDATORS = {
+    "input": {"kind": _text},  # checked against the modalities when the run opens
     "model": {
         "arch": _text,
         "factory": _text,
@@ -274,7 +283,7 @@ VALIDATORS = {
         "amp": _flag,
     },
     "render": {"colormap": _colormap, "signed_colormap": _colormap, "alpha": _fraction, "signed": _flag},
-    "output": {"save_raw": _flag, "png": _png, "max_side": _positive},
+    "output": {"save_raw": _flag, "png": _png, "max_side": _positive, "sink": _text},
 }
 
 

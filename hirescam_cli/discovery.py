@@ -25,15 +25,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from . import modalities
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-# Pillow formats that are not raster images we can decode: write-only (PDF, PALM), stubs without a
-# decoder (BUFR, GRIB, HDF5, WMF), video (MPEG) and PostScript, which would run Ghostscript on the data.
-NOT_DECODABLE = frozenset({"BUFR", "EPS", "GRIB", "HDF5", "MPEG", "PALM", "PDF", "WMF"})
 
 _CHUNK = 10_000  # rows per SQLite round trip
 
@@ -118,12 +113,6 @@ def _remove_owned(path: str, owner: int) -> None:
             os.unlink(path)
 
 
-@functools.cache
-def image_extensions() -> frozenset[str]:
-    """Lower-case extensions (".jpg") of the image formats Pillow can decode here."""
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt not in NOT_DECODABLE)
-
-
 def read_list(source: str) -> Iterator[str]:
     """The paths of an --inputs-from file (or "-": standard input), one per line; blank lines are skipped."""
     try:
@@ -140,10 +129,13 @@ def read_list(source: str) -> Iterator[str]:
 
 
 def discover(
-    inputs: Sequence[str | Path], reserved: Collection[str] = (), exclude: str | Path | None = None
+    inputs: Sequence[str | Path],
+    reserved: Collection[str] = (),
+    exclude: str | Path | None = None,
+    accepts: Callable[[str], bool] | None = None,
 ) -> list[InputItem]:
     """The inputs as a list (see ``catalogue``), for callers with few of them."""
-    with catalogue(inputs, reserved, exclude) as found:
+    with catalogue(inputs, reserved, exclude, accepts=accepts) as found:
         return list(found)
 
 
@@ -153,13 +145,14 @@ def catalogue(
     exclude: str | Path | None = None,
     listed: Iterable[str] | None = None,
     allow_empty: bool = False,
+    accepts: Callable[[str], bool] | None = None,
 ) -> Catalogue:
     """Expand files, folders, glob patterns and listed paths into image inputs with unique keys, by key.
 
     - A path to a file is taken whatever its extension; a folder is walked recursively and keeps the
-      files whose extension is an image format (case-insensitive); an argument that is not an existing
-      path but contains ``*``, ``?`` or ``[`` is a glob pattern (``**`` matches any depth), whose matching
-      folders are walked and matching files kept when they have an image extension.
+      files the modality `accepts` by name (default: pictures, by extension); an argument that is not an
+      existing path but contains ``*``, ``?`` or ``[`` is a glob pattern (``**`` matches any depth), whose
+      matching folders are walked and matching files kept when accepted.
     - `listed` paths (from --inputs-from) are taken literally, never as patterns: a folder is walked, any
       other path is taken as a file (a missing one ends as a per-image error, not a usage error).
     - Walks and wildcards skip hidden names (starting with ``.``), follow symlinked folders without ever
@@ -184,7 +177,8 @@ def catalogue(
             for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE"):
                 db.execute(f"PRAGMA {pragma}")
             db.execute("CREATE TABLE paths (path BLOB PRIMARY KEY) WITHOUT ROWID")
-            common = _collect(db, inputs, listed, exclude, allow_empty)
+            accepts = accepts or modalities.accepts("images")
+            common = _collect(db, inputs, listed, exclude, allow_empty, accepts)
             count, digest = _key(db, common, reserved)
             db.commit()
     except BaseException:
@@ -199,6 +193,7 @@ def _collect(
     listed: Iterable[str] | None,
     exclude: str | Path | None,
     allow_empty: bool,
+    accepts: Callable[[str], bool],
 ) -> str | None:
     """Insert every input file's absolute path; returns the deepest common folder (None: no inputs)."""
     skip, excluded = set(), os.path.realpath(exclude) + os.sep if exclude is not None else None
@@ -220,7 +215,7 @@ def _collect(
                     pass
             except OSError as error:
                 raise InputError(f"cannot read folder {shown}: {error.strerror}") from None
-            base, files = path, _walk([path], skip)
+            base, files = path, _walk([path], accepts, skip)
             empty = f"no image files found in folder {shown}"
         elif os.path.lexists(path):
             _refuse_special(path, shown)
@@ -229,7 +224,7 @@ def _collect(
             base = _glob_base(path)
             if allow_empty and not os.path.isdir(base):
                 raise InputError(f"no such folder: {_printable(base)} (in the pattern {shown})")
-            files = _glob_files(path, skip, outside)
+            files = _glob_files(path, accepts, skip, outside)
             empty = f"no image files match {shown}"
         else:
             raise InputError(f"no such file or folder: {shown}")
@@ -238,14 +233,14 @@ def _collect(
             raise InputError(empty)
     if listed is not None:
         real_folder = functools.lru_cache(maxsize=4096)(os.path.realpath)
-        common = _insert_listed(db, listed, skip, outside, real_folder)
+        common = _insert_listed(db, listed, accepts, skip, outside, real_folder)
         if common is None and not allow_empty:
             raise InputError("--inputs-from lists no paths")
         bases += [common] if common is not None else []
     return os.path.commonpath(bases) if bases else None
 
 
-def _insert_listed(db, listed, skip, outside, real_folder) -> str | None:
+def _insert_listed(db, listed, accepts, skip, outside, real_folder) -> str | None:
     """Insert listed paths (folders walked); returns the deepest folder common to them (None: none)."""
     common = last = None
 
@@ -263,7 +258,7 @@ def _insert_listed(db, listed, skip, outside, real_folder) -> str | None:
                 last = folder
                 common = folder if common is None else os.path.commonpath([common, folder])
             if is_folder:
-                yield from _walk([path], skip)
+                yield from _walk([path], accepts, skip)
             else:
                 yield path
 
@@ -355,11 +350,6 @@ def _key(db: sqlite3.Connection, common: str | None, reserved: Collection[str]) 
     return count, digest.hexdigest()
 
 
-def _is_image_name(path: str) -> bool:
-    """Whether a file name has an image extension (case-insensitive)."""
-    return os.path.splitext(path)[1].lower() in image_extensions()
-
-
 def _kind(entry: os.DirEntry[str]) -> str | None:
     """Classify a directory entry as "dir", "file" (regular file or broken symlink) or None (skip)."""
     try:
@@ -391,8 +381,10 @@ def _folder_id(folder: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _walk(roots: Sequence[str], skip: Collection[tuple[int, int]] = ()) -> Iterator[str]:
-    """Yield the image files under the given folders, visiting each real folder once (direct paths first).
+def _walk(
+    roots: Sequence[str], accepts: Callable[[str], bool], skip: Collection[tuple[int, int]] = ()
+) -> Iterator[str]:
+    """Yield the accepted files under the given folders, visiting each real folder once (direct paths first).
 
     Folders whose identity is in `skip` are never entered. The order is the file system's: the
     catalogue sorts.
@@ -414,7 +406,7 @@ def _walk(roots: Sequence[str], skip: Collection[tuple[int, int]] = ()) -> Itera
                 kind = _kind(entry)
                 if kind == "dir":
                     (later if entry.is_symlink() else stack).append(entry.path)
-                elif kind == "file" and _is_image_name(entry.name):
+                elif kind == "file" and accepts(entry.name):
                     yield entry.path
         current, later = sorted(later), []
 
@@ -432,16 +424,19 @@ def _split_pattern(pattern: str) -> tuple[str, list[str]]:
 
 
 def _glob_files(
-    pattern: str, skip: Collection[tuple[int, int]], outside: Callable[[str], bool]
+    pattern: str,
+    accepts: Callable[[str], bool],
+    skip: Collection[tuple[int, int]],
+    outside: Callable[[str], bool],
 ) -> Iterator[str]:
-    """Image files matching a pattern: matched files with an image extension, and walks of matched folders."""
+    """Files matching a pattern: matched files the modality accepts, and walks of matched folders."""
     folders = []
     for kind, path in _glob(pattern):
         if kind == "dir":
             folders.append(path)
-        elif _is_image_name(path) and outside(path):
+        elif accepts(os.path.basename(path)) and outside(path):
             yield path
-    yield from _walk(folders, skip)
+    yield from _walk(folders, accepts, skip)
 
 
 def _glob(pattern: str) -> Iterator[tuple[str, str]]:

@@ -32,3 +32,7 @@ class OutputLocked(Failure):
     """Another run holds the OUT lock (exit 4); the message names it."""
 
     exit_code = EXIT_LOCKED
+
+
+class InputFailure(Exception):
+    """One input cannot be used (unreadable, corrupt, too large): it gets an error line, the run goes on."""

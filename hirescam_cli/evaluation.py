@@ -8,16 +8,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batches import InputDataset, make_loader
 from .config import Config, ConfigError
-from .data import ImageDataset, Preprocess, make_loader
 from .discovery import InputItem, discover
-from .methods import METHODS
+from .engine.methods import METHODS
 from .metrics import TOP_FRACTION, UNUSED_FRACTION, deletion_insertion, fidelity, localisation, summarise
-from .models import load_model
+from .modalities import accepts
 from .outputs import OutputDir
-from .pipeline import Progress, _open_explainer, class_ids, make_preprocess, pick_device
+from .progress import Progress
 from .report import write_eval_page
-from .resources import choose as choose_resources
+from .session import Session
 
 FIDELITY = ("rank_correlation", "unused_mass", "missed_evidence")
 LOCALISATION = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
@@ -61,25 +61,6 @@ def load_masks(masks: Path, item: InputItem, labels: list[str], size: tuple[int,
     return found
 
 
-def to_input_space(masks: list[np.ndarray], preprocess: Preprocess) -> torch.Tensor:
-    """Masks through the same resize and crop as the images -> bool (N, h, w) over the model input."""
-    geometry = Preprocess(preprocess.resize, preprocess.crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    return torch.stack(
-        [geometry(torch.from_numpy(m).to(torch.uint8).mul(255).expand(3, -1, -1))[0][0] > 0.5 for m in masks]
-    )
-
-
-def selection(config: Config, labels: list[str] | None) -> dict[str, Any]:
-    """The explainer's class selection from [explain]: threshold, classes or top_k."""
-    explain = config.explain
-    if explain.threshold is not None:
-        if not config.model.multilabel:
-            raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
-        return {"threshold": explain.threshold}
-    classes = class_ids(explain.classes, labels)
-    return {"classes": classes} if classes is not None else {"top_k": explain.top_k}
-
-
 def run_eval(
     config: Config, images: list[str], masks: Path | None, out: Path | None, positions: int | None = None
 ) -> dict[str, Any]:
@@ -89,20 +70,18 @@ def run_eval(
     masks they are the classes that have a mask, and localisation and deletion/insertion are added.
     `positions` occludes that many grid positions per batch, drawn at random, instead of all.
     """
-    loaded = load_model(config.model)
-    if masks is not None and not loaded.labels:
-        raise ConfigError("eval matches masks to classes by label: set model.labels")
     if positions is not None and positions < 1:
         raise ConfigError(f"--positions must be at least 1; got {positions}")
-    device = pick_device(config.explain.device)
-    model = loaded.module.to(device)
-    preprocess = make_preprocess(config.preprocess, loaded.transforms)
-    choose = selection(config, loaded.labels) if masks is None else {}
-    items = discover(images)
-    dataset = ImageDataset(items, preprocess, config.preprocess.max_pixels)
-    resources = choose_resources(device, config.explain.workers, config.explain.batch_size)
-    torch.set_num_threads(resources.threads)
-    loader = make_loader(dataset, resources.batch_size, resources.workers)
+    session = Session.open(config, pictures=False)
+    loaded, device, explainer, modality = session.loaded, session.device, session.explainer, session.modality
+    if masks is not None and not loaded.labels:
+        session.close()
+        raise ConfigError("eval matches masks to classes by label: set model.labels")
+    model = loaded.module
+    choose = session.selection() if masks is None else {}
+    items = discover(images, accepts=accepts(config.input.kind))
+    resources = session.resources
+    loader = make_loader(InputDataset(items, modality), resources.batch_size, resources.workers)
     score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
     names = FIDELITY + (LOCALISATION if masks is not None else ())
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in names} for m in METHODS}
@@ -113,7 +92,6 @@ def run_eval(
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
     grid = None
     progress = Progress(len(items), quiet=False)
-    explainer = _open_explainer(model, config, preprocess, device, choose.get("classes"))
     with explainer, torch.no_grad():
         for batch in loader:
             progress.update(len(batch.indices) + len(batch.failed), len(batch.failed))
@@ -142,7 +120,7 @@ def run_eval(
             image_of = torch.arange(len(x), device=device)[:, None].expand_as(valid)[valid]
             pair_classes.append(targets.cpu())
             identical.append(result.identical_by_construction[valid].cpu())
-            truth_input = to_input_space(truth, preprocess).to(device) if truth else None
+            truth_input = modality.masks_to_input(truth).to(device) if truth else None
             for name, maps in result.maps.items():
                 maps = maps[valid]
                 for key, value in fidelity(maps, delta).items():
@@ -203,7 +181,7 @@ def _mask_targets(masks: Path, batch, items: list[InputItem], labels: list[str],
     """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order."""
     rows, per_row, truth = [], [], []
     for row, index in enumerate(batch.indices):
-        found = load_masks(masks, items[index], labels, batch.sizes[row], problems)
+        found = load_masks(masks, items[index], labels, batch.views.sizes[row], problems)
         if found:
             rows.append(row)
             per_row.append(list(found))

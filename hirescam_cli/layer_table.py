@@ -2,29 +2,26 @@
 
 from collections.abc import Iterator
 
-import torch
-
 from .config import Config
 from .engine import Explainer
-from .layers import choose_auto, probe_input, trace_layers
-from .layouts import layout_spec
-from .models import load_model
-from .pipeline import make_preprocess
+from .engine.layers import choose_auto, probe_input, trace_layers
+from .engine.layouts import layout_spec
+from .session import Session
 
 
 def layer_table(settings: Config) -> Iterator[str]:
     """The table's lines: each spatial layer's shape, layout, grid, prefix, calls and HiResCAM vs Grad-CAM."""
-    loaded = load_model(settings.model, load_weights=False)  # shapes need no weights: works offline
-    preprocess = make_preprocess(settings.preprocess, loaded.transforms)
-    height, width = preprocess.input_size
-    probe = probe_input(torch.zeros(1, 3, height, width))
+    session = Session.open(settings, load_weights=False, explainer=False)  # shapes need no weights: offline
+    loaded = session.loaded
+    probe = probe_input(session.probe())
+    size = "x".join(map(str, probe.shape[2:]))
     traced = trace_layers(loaded.module, probe, layout_spec(settings.model), probe=True)
     try:
         auto = choose_auto(traced)
-        yield f"{loaded.name}, input {height}x{width}; 'auto' picks {auto}"
+        yield f"{loaded.name}, input {size}; 'auto' picks {auto}"
     except ValueError as e:
         auto = None
-        yield f"{loaded.name}, input {height}x{width}; 'auto' finds nothing: {e}"
+        yield f"{loaded.name}, input {size}; 'auto' finds nothing: {e}"
     usable = [info for info in traced if info.layout is not None and info.calls == 1]
     with Explainer(loaded.module) as explainer:  # one forward and one gradient for every layer
         identical = explainer.identical_layers(probe, usable)
@@ -38,7 +35,7 @@ def layer_table(settings: Config) -> Iterator[str]:
             kind, grid, prefix = "?", "?", "?"
             note = f"  ({info.problem.rsplit('; ', 1)[1]})"
         else:
-            kind, grid = info.layout.kind, "x".join(map(str, info.layout.grid))
+            kind, grid = info.layout.name, "x".join(map(str, info.layout.grid))
             prefix = str(info.layout.prefix_tokens)
             note = "  (scores do not depend on its grid)" if info.grid_gradient is False else ""
         mark = "  <- auto" if info.name == auto else ""

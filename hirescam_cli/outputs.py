@@ -1,25 +1,20 @@
-"""The output folder: its layout, atomic writes, resume checks and the run's ledgers.
+"""OUT itself: the names it keeps for itself, atomic writes, and folders replaced whole.
 
-Layout under OUT, for an input whose key is `a/cat.jpg`:
-    a/cat.jpg/summary.json           the per-image summary: it lists every other file of the folder
-    a/cat.jpg/<method>-<class>.png   one heatmap overlay per method and target
-    a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
-    results.jsonl                    one line per input, in input order
-    run.json                         the effective config, versions, device, counts, timings
+Under OUT, beside what the sink writes for the inputs (sinks/):
+    results.jsonl, run.json          the ledgers (ledger.py)
     .lock                            the OUT lock (lock.py)
-    report/, eval.html               the HTML report and eval page (hirescam_cli.report)
+    report/, eval.html, eval.json    the HTML report and the eval's pages (hirescam_cli.report)
+    .tmp/                            every process's temporary folder
 Each process writes its temporary files in a folder of its own under OUT/.tmp and renames them into
-place, so a reader never sees half a file and no run touches another's files. An input's folder is
-written whole: its complete set of outputs goes to a staging folder in the temp folder, which then takes
-the folder's place in one atomic step (``OutputDir.replacing``), so OUT/<key> always holds exactly the
-files its summary lists (subfolders aside: the folders of inputs whose keys extend this one's).
+place, so a reader never sees half a file and no run touches another's files. A folder can be written
+whole: a complete new set of files goes to a staging folder in the temp folder, which then takes the
+folder's place in one atomic step (``OutputDir.replacing``); the folders inside the one replaced stay.
 """
 
 import contextlib
 import ctypes
 import errno
 import hashlib
-import heapq
 import io
 import itertools
 import json
@@ -28,7 +23,7 @@ import shutil
 import socket
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +37,6 @@ try:
 except ImportError:  # the fast encoder is optional: PNGs then come from zlib (--png small)
     fpng = None
 
-SCHEMA = "hirescam-cli/summary/1"
-SUMMARY_NAME = "summary.json"
 LOCK_NAME = ".lock"
 COMMIT_TRIES = 100  # renames of a folder into place before giving up on a parent that keeps changing
 # names under OUT that no input key takes
@@ -156,13 +149,6 @@ class OutputDir:
             raise OutputError(f"cannot use output folder {self.root}: {describe(e)}") from None
         self._real_root = self.root.resolve()
 
-    def folder(self, key: str) -> Path:
-        """The folder of one input's outputs."""
-        return self.root / key
-
-    def summary_path(self, key: str) -> Path:
-        return self.folder(key) / SUMMARY_NAME
-
     def create(self, path: Path, data: bytes) -> None:
         """Write a new file where nothing reads it yet (a temp file, a staging folder)."""
         with open(path, "xb") as f:
@@ -187,8 +173,9 @@ class OutputDir:
 
     @contextlib.contextmanager
     def replacing(self, key: str) -> Iterator[Path]:
-        """A staging folder for the complete new set of one input's outputs; when the block ends without an
-        error it takes the place of OUT/<key> in one atomic step, and the set it replaced is removed."""
+        """A staging folder for the complete new set of files of OUT/<key>; when the block ends without an
+        error it takes the folder's place in one atomic step, and the set it replaced is removed (its
+        subfolders move into the new one)."""
         target = self._folder_target(key)
         staging = self.staging(key)
         staging.mkdir(exist_ok=True)  # earlier parts of a huge image may have written there
@@ -201,13 +188,13 @@ class OutputDir:
             shutil.rmtree(staging, ignore_errors=True)  # a failed new set (or, exchanged, the old one)
 
     def staging(self, key: str) -> Path:
-        """The staging folder of one input's new set of outputs, the same from any writer of this process."""
+        """The staging folder of OUT/<key>'s new set of files, the same from any writer of this process."""
         return self.tmp / f"stage-{hashlib.sha1(key.encode()).hexdigest()}"
 
     def _folder_target(self, key: str) -> Path:
         """Where OUT/<key> really is: links inside OUT are followed, as every write here does; one that leads
         outside OUT, onto OUT itself or onto a name OUT uses is refused, and so is a file in the way."""
-        folder = self.folder(key)
+        folder = self.root / key
         try:
             real = folder.resolve()
         except (OSError, RuntimeError) as e:  # RuntimeError: a link loop
@@ -278,54 +265,6 @@ class OutputDir:
         self.__dict__.update(state, _lock=threading.Lock(), _names=itertools.count())
 
 
-def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write some of one image's PNGs (and raw maps) into its staging folder: a huge image's come in several
-    parts, from any writer, and `write_image` then puts the whole set in place.
-
-    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t], `raw_maps[method][t]`
-    (or raw_maps None) its float32 (h, w) raw map.
-    """
-    staging = outdir.staging(key)
-    staging.mkdir(exist_ok=True)
-    for method, overlays in pictures.items():
-        for t, pixels in overlays.items():
-            files = summary["targets"][t]["maps"][method]
-            outdir.create(staging / _own_name(key, files["png"]), encode_png(pixels, outdir.png))
-            if raw_maps is not None:
-                outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
-
-
-def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's remaining PNGs and raw maps (as write_maps; {} when earlier parts wrote them all)
-    and its summary, then replace OUT/<key> with the complete set at once."""
-    with outdir.replacing(key) as staging:
-        write_maps(outdir, key, summary, pictures, raw_maps)
-        outdir.create(staging / SUMMARY_NAME, json_bytes(summary))
-
-
-def _own_name(key: str, path: str) -> str:
-    """The file name of a path (relative to OUT) that a summary lists in its own folder."""
-    folder, _, name = path.rpartition("/")
-    if folder != key or name in ("", ".", "..", SUMMARY_NAME):
-        raise OutputError(f"refusing to write {path}: it lies outside the folder of {key}")
-    return name
-
-
-def listed_files(summary: dict) -> set[str]:
-    """The names of the files a summary says its folder holds, summary.json included."""
-    names = {SUMMARY_NAME}
-    for target in summary["targets"]:
-        for files in target["maps"].values():
-            names.update(path.rpartition("/")[2] for path in (files["png"], files["raw"]) if path)
-    return names
-
-
-def folder_files(folder: Path) -> set[str]:
-    """The names of the files in a folder (its subfolders hold other inputs' outputs)."""
-    with os.scandir(folder) as entries:
-        return {entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)}
-
-
 def _carry_folders(old: Path, new: Path) -> None:
     """Move the folders inside a replaced set (the outputs of inputs whose keys extend this one's) into the
     new set; one that was redone meanwhile already has its new folder there, which stays."""
@@ -344,55 +283,3 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def new_counts() -> dict[str, int]:
-    """Inputs by status, and how many of the explained ones had no class above the threshold."""
-    return {"ok": 0, "skipped": 0, "error": 0, "no_target": 0}
-
-
-def count(counts: dict[str, int], record: dict[str, Any]) -> None:
-    counts[record["status"]] += 1
-    counts["no_target"] += bool(record.get("no_target"))
-
-
-class ResultsLog:
-    """One process's share of results.jsonl: records in input order, each line led by its input index.
-
-    ``finish`` renames the share to `part`; ``merge_results`` makes results.jsonl of the shares.
-    """
-
-    def __init__(self, out: OutputDir):
-        self._partial = out.tmp / "results.part"
-        self._file = open(self._partial, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
-        self.counts = new_counts()
-
-    def add(self, index: int, record: dict[str, Any]) -> None:
-        count(self.counts, record)
-        self._file.write(f"{index}\t{json.dumps(record, ensure_ascii=False)}\n")
-
-    def finish(self, part: Path) -> None:
-        """Flush and move the share to `part`."""
-        self._file.close()
-        os.replace(self._partial, part)
-
-
-def merge_results(out: OutputDir, parts: list[Path]) -> dict[str, int]:
-    """Merge the processes' shares into OUT/results.jsonl in input order (atomically); returns the counts."""
-    counts = new_counts()
-    partial = out.tmp / "results.jsonl.partial"
-    with contextlib.ExitStack() as stack:
-        shares = [_indexed(stack.enter_context(open(part, encoding="utf-8"))) for part in parts]
-        merged = stack.enter_context(open(partial, "w", encoding="utf-8"))
-        for _index, record in heapq.merge(*shares):
-            count(counts, json.loads(record))
-            merged.write(record)
-    os.replace(partial, out.root / "results.jsonl")
-    return counts
-
-
-def _indexed(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
-    """A share's lines as (input index, record line)."""
-    for line in lines:
-        index, _, record = line.partition("\t")
-        yield int(index), record

@@ -1,25 +1,45 @@
-"""Turning raw maps into pictures: normalisation, colormaps, overlays on the images, in bounded parts."""
+"""Turning raw maps into pictures, whatever the modality: normalisation, colormaps, blending, and the cut
+of a batch's pictures into parts of bounded size (what the modalities' renderers yield to the sinks)."""
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib
+import numpy as np
 import torch
 from torch import Tensor
 
 
+def _grid_axes(maps: Tensor) -> tuple[int, ...]:
+    """The axes of a (B, T, *grid) map's grid, whatever its rank."""
+    return tuple(range(2, maps.ndim))
+
+
 def normalize(maps: Tensor) -> Tensor:
-    """ReLU then min-max to [0, 1] over the last two axes; a map with no positive part is 0."""
+    """ReLU then min-max to [0, 1] over the grid of (B, T, *grid) maps; a map with no positive part is 0."""
     positive = maps.clamp_min(0)
-    low = positive.amin((-2, -1), keepdim=True)
-    high = positive.amax((-2, -1), keepdim=True)
+    low = positive.amin(_grid_axes(maps), keepdim=True)
+    high = positive.amax(_grid_axes(maps), keepdim=True)
     span = high - low
     return torch.where(span > 0, (positive - low) / torch.where(span > 0, span, 1.0), 0.0)
 
 
 def normalize_signed(maps: Tensor) -> Tensor:
-    """Scale to [-1, 1] by the largest magnitude, keeping zero at zero; an all-zero map stays 0."""
-    peak = maps.abs().amax((-2, -1), keepdim=True)
+    """Scale (B, T, *grid) maps to [-1, 1] by the largest magnitude, keeping zero at zero; an all-zero map
+    stays 0."""
+    peak = maps.abs().amax(_grid_axes(maps), keepdim=True)
     return torch.where(peak > 0, maps / torch.where(peak > 0, peak, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Some of a batch's pictures (see ``plan_parts``): channel c of an input is target c % targets of method
+    c // targets (methods in config order)."""
+
+    rows: range  # the inputs, rows of the batch
+    channels: range
+    targets: int  # T, the batch's targets per input
+    pictures: np.ndarray  # uint8 (len(rows), len(channels), H, W, 3) on the host, padded to the largest
 
 
 UNEXPLAINED = 128  # grey laid over the parts of the image the model never saw (cut by a crop)
@@ -65,28 +85,6 @@ def plan_parts(sizes: Sequence[tuple[int, int]], channels: int, budget: int) -> 
     if start < len(sizes):
         parts.append((range(start, len(sizes)), range(channels)))
     return parts
-
-
-def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> tuple[Tensor, Tensor]:
-    """Resample maps (N, C, h, w) onto `rows` of (N, C, H, width) picture pixels through each crop box.
-
-    `boxes` (N, 4) holds (x0, y0, x1, y1): the region of the picture, in its pixels, that the model input
-    (and so each of the image's C maps) covers. Returns the resampled maps (N, C, len(rows), width) and a
-    mask (N, len(rows), width) of the pixels inside the box; bilinear inside, nothing outside. Every pixel is
-    computed on its own, so any cut into rows, channels or images gives the same bits.
-    """
-    boxes = boxes.to(maps.device, torch.float32)
-    x0, y0, x1, y1 = boxes.unbind(1)
-    xs = torch.arange(width, device=maps.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(rows.start, rows.stop, device=maps.device, dtype=torch.float32) + 0.5
-    gx = 2 * (xs[None] - x0[:, None]) / (x1 - x0)[:, None] - 1  # (N, W) in the map's [-1, 1]
-    gy = 2 * (ys[None] - y0[:, None]) / (y1 - y0)[:, None] - 1  # (N, rows)
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    resampled = torch.nn.functional.grid_sample(
-        maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
-    return resampled, inside
 
 
 def overlay(

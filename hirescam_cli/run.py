@@ -9,6 +9,7 @@ from .discovery import catalogue, read_list
 from .distributed import Job
 from .errors import EXIT_OK, UsageError
 from .lock import OutLock
+from .modalities import accepts
 from .outputs import RESERVED
 
 
@@ -38,7 +39,15 @@ def run_explain(
     started = time.time()
     check_out(out)
     listed = read_list(inputs_from) if inputs_from is not None else None
-    with catalogue(inputs, RESERVED, exclude=out, listed=listed, allow_empty=allow_empty) as items:
+    found = catalogue(
+        inputs,
+        RESERVED,
+        exclude=out,
+        listed=listed,
+        allow_empty=allow_empty,
+        accepts=accepts(config.input.kind),
+    )
+    with found as items:
         if not items:
             if not quiet:
                 print("hirescam: no images found, nothing to do (--allow-empty)", file=sys.stderr, flush=True)

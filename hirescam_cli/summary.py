@@ -1,6 +1,8 @@
-"""Per-image numbers for the JSON summaries, computed batched on the device and copied back once."""
+"""Per-input numbers for the JSON summaries, computed batched on the device over the maps' flat grid
+positions (any rank) and copied back once; where a peak lies in the input is the modality's to say."""
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -8,6 +10,7 @@ from torch import Tensor
 
 from .engine import Explanation
 
+SCHEMA = "hirescam-cli/summary/1"
 TOP_FRACTION = 0.2  # the "top region" of a map for IoU agreement
 
 
@@ -16,28 +19,17 @@ def _g(value: float) -> float | None:
     return None if math.isnan(value) else float(f"{value:.7g}")
 
 
-def peaks(maps: Tensor, boxes: Tensor) -> Tensor:
-    """Peak of each map (B, T, h, w) as (x, y) in original-image pixels -> (B, T, 2)."""
-    height, width = maps.shape[-2:]
-    flat = maps.flatten(-2).argmax(-1)
-    row, col = flat // width, flat % width
-    boxes = boxes.to(maps.device, torch.float32)[:, None]  # (B, 1, 4)
-    x = boxes[..., 0] + (col + 0.5) / width * (boxes[..., 2] - boxes[..., 0])
-    y = boxes[..., 1] + (row + 0.5) / height * (boxes[..., 3] - boxes[..., 1])
-    return torch.stack([x, y], -1).floor()
-
-
 def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation over the last two axes; NaN where either map is constant."""
-    a, b = a.flatten(-2), b.flatten(-2)
+    """Pearson correlation of (B, T, *grid) maps over their grids; NaN where either map is constant."""
+    a, b = a.flatten(2), b.flatten(2)
     a = a - a.mean(-1, keepdim=True)
     b = b - b.mean(-1, keepdim=True)
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
 def top_region_iou(a: Tensor, b: Tensor, fraction: float = TOP_FRACTION) -> Tensor:
-    """IoU of the top `fraction` positions of two maps (over the last two axes)."""
-    a, b = a.flatten(-2), b.flatten(-2)
+    """IoU of the top `fraction` positions of two (B, T, *grid) maps."""
+    a, b = a.flatten(2), b.flatten(2)
     k = max(1, math.ceil(fraction * a.shape[-1]))
 
     def top(x: Tensor) -> Tensor:
@@ -47,8 +39,11 @@ def top_region_iou(a: Tensor, b: Tensor, fraction: float = TOP_FRACTION) -> Tens
     return (ta & tb).sum(-1) / (ta | tb).sum(-1)
 
 
-def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[str, Any]:
-    """Every number the summaries need, as nested Python lists (one device-to-host copy)."""
+def batch_numbers(
+    result: Explanation, multilabel: bool, locate: Callable[[Tensor], Tensor]
+) -> dict[str, Any]:
+    """Every number the summaries need, as nested Python lists (one device-to-host copy); `locate` gives
+    the peak of each (B, T, *grid) map in the input's coordinates (the modality's)."""
     logits = result.logits
     probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)
     top = logits.topk(min(5, logits.shape[1]), dim=-1).indices
@@ -66,10 +61,11 @@ def batch_numbers(result: Explanation, boxes: Tensor, multilabel: bool) -> dict[
         "zero_gradient": result.zero_gradient,
     }
     for name, maps in result.maps.items():
-        numbers[f"{name}.min"] = maps.amin((-2, -1))
-        numbers[f"{name}.max"] = maps.amax((-2, -1))
-        numbers[f"{name}.sum"] = maps.sum((-2, -1))
-        numbers[f"{name}.peak"] = peaks(maps, boxes)
+        flat = maps.flatten(2)
+        numbers[f"{name}.min"] = flat.amin(-1)
+        numbers[f"{name}.max"] = flat.amax(-1)
+        numbers[f"{name}.sum"] = flat.sum(-1)
+        numbers[f"{name}.peak"] = locate(maps)
     if "hirescam" in result.maps and "gradcam" in result.maps:
         numbers["pearson"] = pearson(result.maps["hirescam"], result.maps["gradcam"])
         numbers["iou"] = top_region_iou(result.maps["hirescam"], result.maps["gradcam"])

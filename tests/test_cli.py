@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from hirescam_cli import pipeline, render, resources
+from hirescam_cli import render, resources
 from hirescam_cli.cli import main
-from hirescam_cli.data import Preprocess
+from hirescam_cli.modalities import image_overlays
+from hirescam_cli.modalities.images import Preprocess
 
 TESTS = Path(__file__).parent
 CONFIG = """
@@ -229,8 +230,8 @@ def test_outputs_do_not_depend_on_how_the_overlays_are_cut(tmp_path, capsys, mon
     assert run([*args, "-o", tmp_path / "whole"], capsys)[0] == 0
     # parts of at most 500 pixels (a picture each, cut images) drawn 300 pixels at a time, other batches,
     # written by processes
-    monkeypatch.setattr(pipeline, "PART_PIXELS", 500)
-    monkeypatch.setattr(pipeline, "RENDER_PIXELS", 300)
+    monkeypatch.setattr(image_overlays, "PART_PIXELS", 500)
+    monkeypatch.setattr(image_overlays, "RENDER_PIXELS", 300)
     monkeypatch.setattr(resources, "default_writers", lambda device, cores: 2)
     assert run([*args, "-o", tmp_path / "cut", "--batch-size", "3"], capsys)[0] == 0
     whole, cut = (
@@ -425,7 +426,7 @@ def test_threshold_targets_each_get_their_own_class_map(tmp_path, capsys):
     from tiny_models import tiny_net
 
     from hirescam_cli import Explainer
-    from hirescam_cli.data import decode
+    from hirescam_cli.modalities.image_files import decode
 
     text = CONFIG.format(factory="tiny_net").replace("[preprocess]", "multilabel = true\n[preprocess]")
     (tmp_path / "c.toml").write_text(text)
@@ -441,7 +442,7 @@ def test_threshold_targets_each_get_their_own_class_map(tmp_path, capsys):
         for i in range(8):
             summary = json.loads((tmp_path / f"out/{i}.png/summary.json").read_text())
             counts.add(len(summary["targets"]))
-            x, _ = preprocess(decode((images / f"{i}.png").read_bytes(), None))
+            x, _ = preprocess(torch.from_numpy(decode((images / f"{i}.png").read_bytes(), None)))
             for target in summary["targets"]:
                 assert target["probability"] >= 0.5
                 expected = explainer(x[None], classes=target["class"]).maps["hirescam"][0, 0]

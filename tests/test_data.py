@@ -17,20 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from hirescam_cli import data, discovery
-from hirescam_cli.data import (
-    Batch,
-    ImageDataset,
-    ImageError,
-    Preprocess,
-    Sample,
-    collate,
-    decode,
-    make_loader,
-    overlay_image,
-    overlay_size,
-)
+from hirescam_cli import batches, discovery
+from hirescam_cli.batches import Batch, InputDataset, Sample, make_loader
 from hirescam_cli.discovery import InputError, InputItem, discover
+from hirescam_cli.modalities import image_files
+from hirescam_cli.modalities.image_files import ImageError
+from hirescam_cli.modalities.images import Images, PictureView, Preprocess, overlay_image, overlay_size
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: model input = pixel / 255
 
@@ -53,6 +45,20 @@ def write(path: Path, content: bytes = b"") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
+
+
+def decode(data: bytes, max_pixels: int | None, resize=None) -> torch.Tensor:
+    """image_files.decode as a (3, H, W) tensor."""
+    return torch.from_numpy(image_files.decode(data, max_pixels, resize))
+
+
+def ImageDataset(items, preprocess, max_pixels, skip=None, overlay_side=None) -> InputDataset:
+    """The dataset of a pictures run with this preprocessing."""
+    return InputDataset(items, Images(preprocess, max_pixels, overlay_side), skip)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    return batches.collate(samples, Images(Preprocess(None, None, *IDENTITY)).collate)
 
 
 def keys(items: list[InputItem]) -> list[str]:
@@ -382,11 +388,11 @@ def test_our_limit_governs_and_pillow_globals_are_left_alone(monkeypatch):
     assert decode(encode(noise(50, 50), "PNG"), None).shape == (3, 50, 50)  # 2500 > 2 * 100
     assert decode(encode(noise(50, 50), "PNG"), 2500).shape == (3, 50, 50)
     assert Image.MAX_IMAGE_PIXELS == 100
-    monkeypatch.setattr(data.ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # someone else's setting
+    monkeypatch.setattr(image_files.ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # someone else's setting
     jpeg = encode(noise(64, 48), "JPEG")
     with pytest.raises(ImageError, match="truncated"):
         decode(jpeg[: len(jpeg) // 2], None)
-    assert data.ImageFile.LOAD_TRUNCATED_IMAGES is True
+    assert image_files.ImageFile.LOAD_TRUNCATED_IMAGES is True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,7 +538,7 @@ def folder_of_cases(root: Path) -> list[InputItem]:
 def test_dataset_turns_every_bad_input_into_an_error(tmp_path):
     items = folder_of_cases(tmp_path)
     dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000, overlay_side=40)
-    assert len(dataset) == len(items) and dataset.item(3) == items[3]
+    assert len(dataset) == len(items) and dataset.items[3] == items[3]
     samples = [dataset[i] for i in range(len(dataset))]
     errors = {items[s.index].key: s.error for s in samples if s.error}
     assert errors == {
@@ -544,14 +550,15 @@ def test_dataset_turns_every_bad_input_into_an_error(tmp_path):
     }
     good = samples[0]
     assert good.sha256 == hashlib.sha256((tmp_path / "a_good.png").read_bytes()).hexdigest()
-    assert good.input.shape == (3, 32, 32) and good.image.shape == (3, 30, 40) and not good.skipped
-    assert good.box == (10.0, 5.0, 30.0, 25.0)  # 40x30 -> 64x48, crop 32 at (16, 8)
-    assert good.size == (30, 40)
+    assert good.input.shape == (3, 32, 32) and good.view.picture.shape == (3, 30, 40) and not good.skipped
+    assert good.view.box == (10.0, 5.0, 30.0, 25.0)  # 40x30 -> 64x48, crop 32 at (16, 8)
+    assert good.view.size == (30, 40)
     large = samples[5]  # 64 x 64: its overlay picture is scaled down, its model input is not changed
-    assert large.size == (64, 64) and large.image.shape == (3, 40, 40)
+    assert large.view.size == (64, 64) and large.view.picture.shape == (3, 40, 40)
     full = ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000, overlay_side=64)[5]
-    assert full.image.shape == (3, 64, 64) and torch.equal(full.input, large.input) and full.box == large.box
-    assert ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000)[0].image is None
+    assert full.view.picture.shape == (3, 64, 64) and torch.equal(full.input, large.input)
+    assert full.view.box == large.view.box
+    assert ImageDataset(items, Preprocess(48, 32, *IDENTITY), max_pixels=50_000)[0].view.picture is None
 
 
 def test_dataset_reports_permission_and_unexpected_failures(tmp_path, monkeypatch):
@@ -565,7 +572,7 @@ def test_dataset_reports_permission_and_unexpected_failures(tmp_path, monkeypatc
 
     dataset = ImageDataset([item], Preprocess(None, None, *IDENTITY), None)
     with monkeypatch.context() as patch:
-        patch.setattr(data, "read_file", denied)
+        patch.setattr(batches, "read_file", denied)
         assert dataset[0].error == "permission denied" and dataset[0].sha256 is None
     monkeypatch.setattr(Preprocess, "__call__", broken)
     assert dataset[0].error == "cannot process image: RuntimeError: out of memory allocating 9 GB"
@@ -583,7 +590,7 @@ def test_skip_is_asked_after_hashing_and_skips_decoding(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("decoded a skipped image")
 
-    monkeypatch.setattr(data, "decode", no_decoding)
+    monkeypatch.setattr(Images, "load", no_decoding)
     sample = ImageDataset([item], Preprocess(None, None, *IDENTITY), None, skip=skip)[0]
     sha256 = hashlib.sha256(content).hexdigest()
     assert asked == [(item, sha256)]
@@ -591,33 +598,34 @@ def test_skip_is_asked_after_hashing_and_skips_decoding(tmp_path, monkeypatch):
 
 
 def test_collate_separates_good_skipped_and_failed():
-    good = [Sample(i, f"sha{i}", torch.full((3, 4, 5), float(i)), torch.zeros(3, 6, 7, dtype=torch.uint8),
-                   (0.0, 1.0, 7.0, 5.5), (12, 14)) for i in (0, 3)]
+    view = PictureView((12, 14), (0.0, 1.0, 7.0, 5.5), torch.zeros(3, 6, 7, dtype=torch.uint8))
+    good = [Sample(i, f"sha{i}", torch.full((3, 4, 5), float(i)), view) for i in (0, 3)]
     samples = [good[0], Sample(1, "sha1", skipped=True), Sample(2, error="empty file"), good[1],
                Sample(4, "sha4", error="not an image (cannot identify format)")]
     batch = collate(samples)
     assert batch.indices == [0, 3] and batch.sha256 == ["sha0", "sha3"]
     assert batch.inputs.shape == (2, 3, 4, 5) and batch.inputs[1].eq(3).all()
-    assert len(batch.images) == 2 and batch.images[0].dtype == torch.uint8
-    assert batch.sizes == [(12, 14)] * 2
-    assert batch.boxes.dtype == torch.float64 and batch.boxes.tolist() == [[0.0, 1.0, 7.0, 5.5]] * 2
+    views = batch.views
+    assert len(views.pictures) == 2 and views.pictures[0].dtype == torch.uint8
+    assert views.sizes == [(12, 14)] * 2
+    assert views.boxes.dtype == torch.float64 and views.boxes.tolist() == [[0.0, 1.0, 7.0, 5.5]] * 2
     assert batch.skipped == [(1, "sha1")]
     assert batch.failed == [(2, "empty file"), (4, "not an image (cannot identify format)")]
     empty = collate([Sample(0, error="empty file")])
-    assert empty.indices == [] and empty.inputs.numel() == 0 and empty.boxes.shape == (0, 4)
+    assert empty.indices == [] and empty.inputs.numel() == 0 and empty.views.boxes.shape == (0, 4)
 
 
 def test_collate_refuses_mixed_input_sizes():
-    samples = [Sample(i, "s", torch.zeros(3, 4, 4 + i), torch.zeros(3, 4, 4, dtype=torch.uint8), (0, 0, 4, 4))
-               for i in range(2)]
+    view = PictureView((4, 4), (0, 0, 4, 4), torch.zeros(3, 4, 4, dtype=torch.uint8))
+    samples = [Sample(i, "s", torch.zeros(3, 4, 4 + i), view) for i in range(2)]
     with pytest.raises(ValueError, match=r"different sizes \(4x4, 4x5\).*crop"):
         collate(samples)
 
 
-def flatten(batches: list[Batch]) -> list:
+def flatten(loaded: list[Batch]) -> list:
     """Everything a run consumes from a loader, in order, for comparison."""
-    return [(b.indices, b.inputs.tolist(), [i.tolist() for i in b.images], b.boxes.tolist(), b.sizes,
-             b.sha256, b.skipped, b.failed) for b in batches]
+    return [(b.indices, b.inputs.tolist(), [i.tolist() for i in b.views.pictures], b.views.boxes.tolist(),
+             b.views.sizes, b.sha256, b.skipped, b.failed) for b in loaded]
 
 
 def skip_f_good(item: InputItem, sha256: str) -> bool:
@@ -632,7 +640,7 @@ def test_loader_with_two_workers_matches_in_process_loading(tmp_path):
     parallel = list(make_loader(dataset, batch_size=3, workers=2))
     assert flatten(parallel) == flatten(serial)
     assert [b.indices for b in serial] == [[0, 2], [], []]
-    assert serial[0].sizes == [(30, 40), (50, 30)] and serial[0].images[1].shape == (3, 45, 27)
+    assert serial[0].views.sizes == [(30, 40), (50, 30)] and serial[0].views.pictures[1].shape == (3, 45, 27)
     assert [i for b in serial for i, _ in b.skipped] == [5]
     assert [i for b in serial for i, _ in b.failed] == [1, 3, 4, 6, 7]
 
@@ -642,4 +650,4 @@ def test_pin_memory_pins_the_batch(tmp_path):
     items = folder_of_cases(tmp_path)
     dataset = ImageDataset(items, Preprocess(48, 32, *IDENTITY), 50_000, overlay_side=64)
     batch = next(iter(make_loader(dataset, batch_size=3, workers=0, pin_memory=True)))
-    assert batch.inputs.is_pinned() and all(image.is_pinned() for image in batch.images)
+    assert batch.inputs.is_pinned() and all(image.is_pinned() for image in batch.views.pictures)

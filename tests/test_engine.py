@@ -172,7 +172,7 @@ def test_bad_calls_raise_value_error(kwargs, message):
 
 
 @pytest.mark.parametrize(
-    "x", [torch.zeros(3, 16, 16), torch.zeros(1, 1, 3, 16, 16), torch.zeros(1, 3, 8, 8, dtype=torch.long)]
+    "x", [torch.zeros(3, 16), torch.zeros(16), torch.zeros(1, 3, 8, 8, dtype=torch.long)]
 )
 def test_bad_input_tensor_raises_value_error(x):
     with Explainer(small_net(), "3") as explainer, pytest.raises(ValueError, match="input must be"):

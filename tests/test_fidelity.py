@@ -11,8 +11,9 @@ from tiny_models import gap_net, tiny_net, tiny_swin, tiny_vit
 from torch import nn
 
 from hirescam_cli import Explainer
-from hirescam_cli.engine import constant_over_grid, occluded_copies
-from hirescam_cli.layers import trace_layers
+from hirescam_cli.engine.diagnostics import constant_over_grid
+from hirescam_cli.engine.layers import trace_layers
+from hirescam_cli.engine.occlusion import occluded_copies
 from hirescam_cli.metrics import fidelity, rank_correlation
 
 SAMPLES = Path(__file__).parent.parent / "sample_images"
@@ -76,7 +77,7 @@ class SkipPastTheLayer(nn.Module):
 def test_occluded_copies_are_image_major_with_one_position_zeroed_each():
     act = noise(2, 3, 2, 3)
     positions = torch.tensor([4, 0])
-    copies = occluded_copies(act, positions).view(2, 3, 3, 2, 3)
+    copies = occluded_copies(act.flatten(2), positions).view(2, 3, 3, 2, 3)
     for image in range(2):
         assert torch.equal(copies[image, 0], act[image])
         for n, p in enumerate(positions.tolist()):
@@ -169,9 +170,9 @@ def test_identical_by_construction_on_a_gap_head_not_on_a_flatten_head():
         assert explainer.differing_layer(x) == "2"
     with Explainer(tiny_net(), "3") as explainer:
         assert not explainer(x, top_k=2).identical_by_construction.any()
-    grads = torch.ones(1, 1, 2, 3, 3)
+    grads = torch.ones(1, 1, 2, 3 * 3)  # (B, T, K, N)
     assert constant_over_grid(grads).item()
-    grads[0, 0, 1, 2, 2] += 1e-3
+    grads[0, 0, 1, 8] += 1e-3
     assert not constant_over_grid(grads).item()
 
 

@@ -1,11 +1,12 @@
-"""Layouts: reading nchw, nhwc and token outputs as (B, K, h, w), and inferring which is which."""
+"""Layouts: reading channels-first, channels-last and token outputs of any grid rank as (B, K, N), and
+inferring which is which."""
 
 import pytest
 import torch
 from determinism import noise
 from torch import nn
 
-from hirescam_cli.layouts import Layout, LayoutError, LayoutSpec, ModelHints, infer, module_evidence
+from hirescam_cli.engine.layouts import Layout, LayoutError, LayoutSpec, ModelHints, infer, module_evidence
 
 HINTS_224 = ModelHints(input_size=(224, 224))
 
@@ -13,36 +14,49 @@ HINTS_224 = ModelHints(input_size=(224, 224))
 def test_nhwc_reads_the_last_axis_as_channels():
     raw = noise(2, 3, 5, 7)  # (B, h, w, K)
     layout = Layout("nhwc", (3, 5))
-    grid = layout.to_map(raw)
-    assert grid.shape == (2, 7, 3, 5)
-    assert grid[1, 6, 2, 4] == raw[1, 2, 4, 6]
+    flat = layout.to_flat(raw)
+    assert flat.shape == (2, 7, 15)
+    assert flat[1, 6, 2 * 5 + 4] == raw[1, 2, 4, 6]
     assert layout.prefix(raw).shape == (2, 0, 7)
-    assert torch.equal(layout.from_map(grid, raw), raw)
+    assert torch.equal(layout.from_flat(flat, raw), raw)
 
 
 def test_tokens_drop_the_prefix_and_fill_the_grid_row_major():
     raw = noise(2, 2 + 3 * 4, 5)  # 2 prefix tokens, then a 3x4 grid of 5 channels
     layout = Layout("tokens", (3, 4), 2)
-    grid = layout.to_map(raw)
+    grid = layout.to_flat(raw).unflatten(2, layout.grid)
     assert grid.shape == (2, 5, 3, 4)
     for row in range(3):
         for col in range(4):
             assert torch.equal(grid[:, :, row, col], raw[:, 2 + row * 4 + col])
     assert torch.equal(layout.prefix(raw), raw[:, :2])
-    assert torch.equal(layout.from_map(grid, raw), raw)
+    assert torch.equal(layout.from_flat(grid.flatten(2), raw), raw)
 
 
-def test_from_map_takes_a_multiple_batch_with_each_images_prefix_repeated():
+def test_from_flat_takes_a_multiple_batch_with_each_images_prefix_repeated():
     raw = noise(2, 1 + 4, 3)
     layout = Layout("tokens", (2, 2), 1)
-    grid = layout.to_map(raw).repeat_interleave(3, 0) * torch.arange(1.0, 7.0)[:, None, None, None]
-    out = layout.from_map(grid, raw)
+    flat = layout.to_flat(raw).repeat_interleave(3, 0) * torch.arange(1.0, 7.0)[:, None, None]
+    out = layout.from_flat(flat, raw)
     assert out.shape == (6, 5, 3)
     for row in range(6):
         assert torch.equal(out[row, 0], raw[row // 3, 0])  # image-major: rows 0-2 are image 0
-        assert torch.equal(layout.to_map(out)[row], grid[row])
+        assert torch.equal(layout.to_flat(out)[row], flat[row])
     with pytest.raises(ValueError, match="not a multiple"):
-        layout.from_map(grid[:5], raw)
+        layout.from_flat(flat[:5], raw)
+
+
+@pytest.mark.parametrize("grid", [(6,), (3, 4), (2, 3, 4)], ids=["1-D", "2-D", "3-D"])
+def test_every_rank_reads_channels_first_and_last_as_the_same_flat_positions(grid):
+    first = noise(2, 5, *grid)  # (B, K, *grid)
+    last = first.movedim(1, -1).contiguous()  # (B, *grid, K)
+    a, b = Layout("nchw", grid), Layout("nhwc", grid)
+    assert a.fits(tuple(first.shape)) and b.fits(tuple(last.shape)) and not a.fits(tuple(last.shape))
+    assert torch.equal(a.to_flat(first), b.to_flat(last))
+    assert a.to_flat(first).shape == (2, 5, first[0, 0].numel())
+    assert torch.equal(a.from_flat(a.to_flat(first), first), first)
+    assert torch.equal(b.from_flat(b.to_flat(last), last), last)
+    assert a.name == {1: "ncl", 2: "nchw", 3: "ncdhw"}[len(grid)] and b.to_dict()["kind"] == b.name
 
 
 def test_fits_checks_rank_grid_and_token_count():
@@ -112,10 +126,29 @@ def test_rank_the_config_excludes_and_non_spatial_shapes_are_refused():
         infer("fc", (1, 1000), HINTS_224)
     with pytest.raises(LayoutError, match="not tokens"):
         infer("x", (1, 768, 7, 7), HINTS_224, LayoutSpec("tokens"))
-    with pytest.raises(LayoutError, match="not a 4-D map"):
+    with pytest.raises(LayoutError, match="not a map over the input's grid"):
         infer("x", (1, 197, 768), HINTS_224, LayoutSpec("nchw"))
 
 
 def test_the_config_cannot_read_a_conv_channels_last():
     with pytest.raises(LayoutError, match=r"outputs nchw by its module type, not model\.layout = nhwc"):
         infer("conv", (1, 56, 56, 56), HINTS_224, LayoutSpec("nhwc"), evidence="nchw")
+
+
+def test_tokens_and_channels_last_at_three_grid_axes():
+    hints = ModelHints(input_size=(8, 12, 16), prefix_tokens=1, patch_grid=(2, 3, 4))
+    assert infer("blocks.1", (1, 1 + 24, 8), hints) == Layout("tokens", (2, 3, 4), 1)
+    tokens = noise(2, 1 + 24, 8)
+    flat = Layout("tokens", (2, 3, 4), 1).to_flat(tokens)
+    assert flat.shape == (2, 8, 24) and torch.equal(flat[:, :, 5], tokens[:, 1 + 5])
+    linear = nn.Linear(4, 8)
+    assert module_evidence(linear, (1, 2, 3, 4, 8)) == "nhwc"  # K last: a channels-last 3-D map
+    assert infer("mlp", (1, 2, 3, 4, 8), hints, evidence="nhwc") == Layout("nhwc", (2, 3, 4))
+    assert Layout("nhwc", (2, 3, 4)).name == "ndhwc"
+
+
+def test_a_one_dimensional_model_reads_a_conv_output_as_a_map_not_tokens():
+    hints = ModelHints(input_size=(64,))
+    assert infer("conv", (1, 16, 32), hints, evidence="nchw") == Layout("nchw", (32,))
+    with pytest.raises(LayoutError, match="tokens"):  # beside a 2-D input it is read as tokens
+        infer("conv", (1, 16, 32), ModelHints(input_size=(8, 8)), evidence="nchw")

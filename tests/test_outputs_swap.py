@@ -21,7 +21,8 @@ from test_cli import config, rgb, run
 from test_faults import folder, tree
 
 from hirescam_cli import outputs, resources
-from hirescam_cli.outputs import OutputDir, OutputError, write_image
+from hirescam_cli.outputs import OutputDir, OutputError
+from hirescam_cli.sinks.folders import write_image
 
 TESTS = Path(__file__).parent
 
@@ -204,10 +205,11 @@ sys.path.insert(0, sys.argv[3])
 from image_sets import NEW, OLD, image_set
 from report_runs import cli
 from hirescam_cli import outputs
+from hirescam_cli.sinks import folders
 
 root, moment = Path(sys.argv[1]), sys.argv[2]
 out = outputs.OutputDir(root)
-outputs.write_image(out, "k", *image_set(*OLD))
+folders.write_image(out, "k", *image_set(*OLD))
 out.atomic_exchange = out.atomic_exchange and not moment.startswith("fallback")
 target = (root / "k").resolve()
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -239,7 +241,7 @@ def killing_rmtree(path, ignore_errors=False):
 
 out.create = killing_create
 os.rename, outputs.exchange, shutil.rmtree = killing_rename, killing_exchange, killing_rmtree
-outputs.write_image(out, "k", *image_set(*NEW))
+folders.write_image(out, "k", *image_set(*NEW))
 print("not killed")
 """
 

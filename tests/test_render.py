@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hirescam_cli import render
+from hirescam_cli.modalities.image_overlays import register
 
 sizes = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=8)
 
@@ -48,7 +49,7 @@ def draw(maps, boxes, pictures, signed, rows_per_band=None):
     drawn = []
     for top in range(0, height, band):
         lines = range(top, min(height, top + band))
-        resampled, inside = render.register(maps, boxes, lines, width)
+        resampled, inside = register(maps, boxes, lines, width)
         drawn.append(render.overlay(resampled, pictures[:, :, top : lines.stop], inside, table, 0.4, signed))
     return torch.cat(drawn, 2)
 

@@ -19,11 +19,13 @@ from test_cli import config, run
 from test_faults import folder, tree
 
 from hirescam_cli import outputs, resources
-from hirescam_cli.data import ImageDataset, ImageError, Preprocess, decode, make_loader
+from hirescam_cli.batches import InputDataset, make_loader
 from hirescam_cli.discovery import InputError, catalogue, discover
 from hirescam_cli.distributed import Share
 from hirescam_cli.errors import EXIT_LOCKED, EXIT_RANK_LOST
 from hirescam_cli.lock import OutLock, OutputLocked
+from hirescam_cli.modalities.image_files import ImageError, decode
+from hirescam_cli.modalities.images import Images, Preprocess
 
 TESTS = Path(__file__).parent
 TIMEOUT = 240  # seconds any subprocess may take before the test fails (and kills it): nothing hangs
@@ -291,7 +293,7 @@ def test_catalogue_is_sorted_deduplicated_and_read_by_workers(tmp_path):
         assert keys == sorted(keys) == [f"{i:03d}.png" for i in range(7)] + ["sub/a.png"]
         assert found[-1].key == "sub/a.png" and len(found) == 8
         assert pickle.loads(pickle.dumps(found))[2] == found[2]
-        dataset = ImageDataset(found, Preprocess(16, 16, (0.0,) * 3, (1.0,) * 3), None)
+        dataset = InputDataset(found, Images(Preprocess(16, 16, (0.0,) * 3, (1.0,) * 3)))
         batches = list(make_loader(dataset, 3, workers=2))
         assert [i for b in batches for i in b.indices] == list(range(8))
         path = found.path

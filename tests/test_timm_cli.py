@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from test_cli import TESTS, rgb, run
 
 from hirescam_cli.config import ModelConfig, PreprocessConfig
-from hirescam_cli.data import Preprocess
-from hirescam_cli.models import ModelError, load_checkpoint, load_model
-from hirescam_cli.pipeline import make_preprocess
+from hirescam_cli.modalities.images import Preprocess, make_preprocess
+from hirescam_cli.sources import ModelError, load_model
+from hirescam_cli.sources.checkpoint import load_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ from determinism import assert_close_scaled, noise, seeded
 from torch import nn
 
 from hirescam_cli import METHODS, Explainer
-from hirescam_cli.layers import choose_auto, probe_input, trace_layers
-from hirescam_cli.layouts import Layout, LayoutSpec
+from hirescam_cli.engine.layers import choose_auto, probe_input, trace_layers
+from hirescam_cli.engine.layouts import Layout, LayoutSpec
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))

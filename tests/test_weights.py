@@ -10,7 +10,7 @@ import torchvision
 from test_cli import config, rgb, run
 
 from hirescam_cli.config import ModelConfig
-from hirescam_cli.models import ModelError, load_model
+from hirescam_cli.sources import ModelError, load_model
 
 SMALL = "[preprocess]\nresize = 32\ncrop = 32\n[explain]\nbatch_size = 2\nworkers = 0\n"
 

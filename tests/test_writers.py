@@ -15,7 +15,8 @@ from test_cli import config, rgb, run
 
 from hirescam_cli import resources
 from hirescam_cli.outputs import OutputDir, OutputError
-from hirescam_cli.writers import ImageJob, Writers
+from hirescam_cli.sinks.folders import ImageJob, write_image, write_job
+from hirescam_cli.sinks.writers import Writers
 
 TESTS = Path(__file__).parent
 
@@ -55,7 +56,7 @@ def test_a_write_error_in_a_writer_process_comes_back_as_an_error(tmp_path):
     summary["targets"][0]["maps"]["hirescam"]["png"] = "../../escape.png"
     writers = Writers(processes=1)
     try:
-        (future,) = writers.submit(outdir, np.zeros((1, 1, 4, 4, 3), np.uint8), [
+        (future,) = writers.submit(write_job, outdir, np.zeros((1, 1, 4, 4, 3), np.uint8), [
             ImageJob("k", summary, row=0, maps=[(0, "hirescam", 0)], raw_maps=None)
         ])
         with pytest.raises(OutputError, match="outside"):
@@ -75,7 +76,7 @@ def test_writer_processes_leave_sigterm_to_the_run(tmp_path):
         time.sleep(0.2)
         pictures = np.zeros((1, 1, 3, 4, 3), np.uint8)
         job = ImageJob("k", summary_of("k", 4, 3), 0, [(0, "hirescam", 0)], None)
-        (future,) = writers.submit(outdir, pictures, [job])
+        (future,) = writers.submit(write_job, outdir, pictures, [job])
         future.result(timeout=60)
     finally:
         writers.shutdown()
@@ -87,7 +88,8 @@ import sys
 from pathlib import Path
 import numpy as np
 from hirescam_cli.outputs import OutputDir
-from hirescam_cli.writers import ImageJob, Writers
+from hirescam_cli.sinks.folders import ImageJob, write_job
+from hirescam_cli.sinks.writers import Writers
 from test_writers import summary_of
 
 out = OutputDir(Path(sys.argv[1]))
@@ -96,7 +98,7 @@ for batch in range(5):
     pictures = np.full((2, 1, 3, 5, 3), batch, np.uint8)
     keys = [f"b{batch}-{row}" for row in range(2)]
     jobs = [ImageJob(k, summary_of(k, 5, 3), row, [(0, "hirescam", 0)], None) for row, k in enumerate(keys)]
-    for future in writers.submit(out, pictures, jobs):
+    for future in writers.submit(write_job, out, pictures, jobs):
         future.result()
 print(len(writers._all), *(segment.name for segment in writers._all))
 writers.shutdown()
@@ -139,10 +141,11 @@ def test_submit_waits_while_earlier_parts_hold_more_than_the_budget(tmp_path):
     writers = Writers(processes=0, budget=500)
     try:
         jobs = [ImageJob(key, summary_of(key, 10, 10), 0, [(0, "hirescam", 0)], None) for key in "ab"]
-        first = writers.submit(outdir, part, jobs[:1])
+        first = writers.submit(write_job, outdir, part, jobs[:1])
         assert writers._queued == part.nbytes  # a part larger than the budget always goes: no deadlock
         later: list = []
-        waiting = threading.Thread(target=lambda: later.extend(writers.submit(outdir, part, jobs[1:])))
+        second = lambda: later.extend(writers.submit(write_job, outdir, part, jobs[1:]))  # noqa: E731
+        waiting = threading.Thread(target=second)
         waiting.start()
         waiting.join(timeout=0.5)
         assert waiting.is_alive() and not later  # 300 + 300 > 500: waits for the first part
@@ -160,10 +163,8 @@ def test_submit_waits_while_earlier_parts_hold_more_than_the_budget(tmp_path):
 def parts_of(writers, outdir, key: str, summary: dict, pictures: np.ndarray) -> list:
     """Submit each of an image's pictures (methods x targets) as a part of its own."""
     pairs = [(m, t) for t, target in enumerate(summary["targets"]) for m in target["maps"]]
-    return [
-        writers.submit(outdir, pictures[c : c + 1], [ImageJob(key, summary, 0, [(0, m, t)], None, False)])[0]
-        for c, (m, t) in enumerate(pairs)
-    ]
+    jobs = [[ImageJob(key, summary, 0, [(0, m, t)], None, False)] for m, t in pairs]
+    return [writers.submit(write_job, outdir, pictures[c : c + 1], jobs[c])[0] for c in range(len(pairs))]
 
 
 def test_the_summary_of_an_image_in_parts_waits_for_every_part(tmp_path):
@@ -172,7 +173,7 @@ def test_the_summary_of_an_image_in_parts_waits_for_every_part(tmp_path):
     writers = Writers(processes=0, threads=8)  # threads to spare: a summary written too early would show
     try:
         parts = parts_of(writers, outdir, "k", summary, np.zeros((4, 1, 3, 4, 3), np.uint8))
-        done = writers.finish(outdir, "k", summary, parts)
+        done = writers.after(parts, write_image, outdir, "k", summary, {}, None)
         with pytest.raises(TimeoutError):
             done.result(timeout=0.3)
         assert not (tmp_path / "out/k/summary.json").exists()
@@ -195,8 +196,10 @@ def test_parts_write_their_pictures_and_a_failed_part_leaves_no_summary(tmp_path
     bad["targets"][1]["maps"]["hirescam"]["png"] = "../../escape.png"
     writers = Writers(processes=processes)
     try:
-        writers.finish(outdir, "k", summary, parts_of(writers, outdir, "k", summary, pictures)).result(60)
-        failed = writers.finish(outdir, "bad", bad, parts_of(writers, outdir, "bad", bad, pictures[:2]))
+        parts = parts_of(writers, outdir, "k", summary, pictures)
+        writers.after(parts, write_image, outdir, "k", summary, {}, None).result(60)
+        parts = parts_of(writers, outdir, "bad", bad, pictures[:2])
+        failed = writers.after(parts, write_image, outdir, "bad", bad, {}, None)
         with pytest.raises(OutputError, match="outside"):
             failed.result(timeout=60)
     finally:

@@ -1,13 +1,12 @@
 """Read a finished (or interrupted) run through its own files: run.json, results.jsonl, summaries."""
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import UsageError
-from ..outputs import RESERVED
+from ..sinks.folders import find_summaries
 
 
 class ReportError(UsageError):
@@ -90,16 +89,10 @@ def _read_results(path: Path, notes: list[str]) -> list[dict[str, Any]] | None:
 
 
 def _summaries_on_disk(root: Path) -> list[dict[str, Any]]:
-    """Records for every summary.json under OUT, sorted by key (a run killed before its ledger)."""
-    found = []
-    for folder, names, files in os.walk(root):
-        if folder == str(root):
-            names[:] = [n for n in names if n not in RESERVED]
-        names.sort()
-        if "summary.json" in files:
-            key = Path(folder).relative_to(root).as_posix()
-            found.append({"input": key, "status": "ok", "summary": f"{key}/summary.json"})
-    return sorted(found, key=lambda r: r["summary"])
+    """Records for every summary the sink left under OUT, sorted by key (a run killed before its ledger)."""
+    return [
+        {"input": path.rsplit("/", 1)[0], "status": "ok", "summary": path} for path in find_summaries(root)
+    ]
 
 
 def _entry(root: Path, index: int, record: dict[str, Any]) -> Entry:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..pixels import rgb_array  # the run's own conversion of every mode to RGB
+from ..modalities.image_files import rgb_array  # the run's own conversion of every mode to RGB
 
 THUMB_SIDE = 160  # grid thumbnails (shown at 128 CSS pixels): longest side in pixels
 VIEW_SIDE = 640  # the original as the viewer shows it (the run's overlays are linked as they are)

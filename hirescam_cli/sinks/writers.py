@@ -1,4 +1,4 @@
-"""Encoding and writing images' outputs off the main loop.
+"""The writer pool: a sink's encoding and writing, off the main loop.
 
 On a CPU run a pool of threads does it (fpng and file writes release the GIL). On a GPU run the
 loop that feeds the GPU must keep the GIL to itself: every kernel launch gives it up and waits to
@@ -6,41 +6,29 @@ get it back, so threads encoding PNGs beside it slow the model tenfold. There, p
 a part's pictures reach them through one shared-memory segment instead of a pipe (a pipe moves
 about 200 MB/s; a batch of 32 pictures pairs at 640 x 480 is 60 MB).
 
-Pictures come in parts (``render.plan_parts``): a part holds several small images' overlays, or a few of
-one huge image's. What waits to be written is bounded in bytes: ``submit`` waits while earlier parts
-still being written hold more than the budget.
+Pictures come in parts (``render.plan_parts``): a part holds several small inputs' pictures, or a few of
+one huge input's. What waits to be written is bounded in bytes: ``submit`` waits while earlier parts
+still being written hold more than the budget. The pool runs the sink's functions (module-level, so that
+writer processes can be handed them) on each job of a part.
 """
 
 import multiprocessing
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from .outputs import OutputDir, write_image, write_maps
+from ..outputs import OutputDir
 
 QUEUED_BYTES = 192 * 2**20  # pictures submitted and not yet written, beyond the part being submitted
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image's overlays in a part of a batch's pictures; `complete`: they are its last, so its summary
-    is written after them (else ``Writers.finish`` writes it once every part is written)."""
-
-    key: str
-    summary: dict
-    row: int  # its row in the part's pictures
-    maps: list[tuple[int, str, int]]  # (channel of the part's pictures, method, index in summary["targets"])
-    raw_maps: dict[str, dict[int, np.ndarray]] | None  # float32 (h, w) by method and target, with --save-raw
-    complete: bool = True
+Write = Callable[[OutputDir, object, np.ndarray], None]  # (OUT, one job, the part's pictures)
 
 
 class Writers:
-    """A pool that writes each image's PNGs, raw maps and summary; `processes` 0 means threads."""
+    """A pool of writer threads or (`processes` > 0) processes."""
 
     def __init__(self, processes: int, threads: int = 4, budget: int = QUEUED_BYTES):
         self.processes = processes
@@ -68,18 +56,18 @@ class Writers:
         self._room = threading.Condition()
         self._finishing: list[Future] = []
 
-    def submit(self, outdir: OutputDir, pictures: np.ndarray, jobs: Sequence[ImageJob]) -> list[Future]:
-        """Queue the writes of one part of a batch's pictures, uint8 (n, k, H, W, 3); first waits while
-        earlier parts not yet written hold more than the budget."""
+    def submit(self, write: Write, outdir: OutputDir, pictures: np.ndarray, jobs: Sequence) -> list[Future]:
+        """Queue `write(outdir, job, pictures)` for each job of one part of a batch's pictures, uint8
+        (n, k, H, W, 3); first waits while earlier parts not yet written hold more than the budget."""
         size = pictures.nbytes
         with self._room:
             self._room.wait_for(lambda: not self._queued or self._queued + size <= self.budget)
             self._queued += size
         if self.processes == 0:
-            segment, futures = None, [self.pool.submit(_write_own, outdir, job, pictures) for job in jobs]
+            segment, futures = None, [self.pool.submit(write, outdir, job, pictures) for job in jobs]
         else:
             segment, shared = self._share(pictures)
-            futures = [self.pool.submit(_write_shared, outdir, job, shared) for job in jobs]
+            futures = [self.pool.submit(_write_shared, write, outdir, job, shared) for job in jobs]
         remaining = [len(futures) + 1]  # + 1: released below, so that a part without jobs frees its room
 
         def release(_future: Future | None) -> None:
@@ -96,11 +84,11 @@ class Writers:
         release(None)
         return futures
 
-    def finish(self, outdir: OutputDir, key: str, summary: dict, after: Sequence[Future]) -> Future:
-        """Write an image's summary once `after` (the writes of its parts) are done; the future fails with
-        the first of their errors instead, and then no summary is written."""
+    def after(self, done_first: Sequence[Future], call: Callable, *args: object) -> Future:
+        """Run `call(*args)` in the pool once `done_first` are done (an input's summary after the writes of
+        its parts); the future fails with the first of their errors instead, and then `call` never runs."""
         done: Future = Future()
-        remaining = [len(after) + 1]
+        remaining = [len(done_first) + 1]
         lock = threading.Lock()
 
         def part_written(_future: Future | None) -> None:
@@ -109,17 +97,17 @@ class Writers:
                 if remaining[0]:
                     return
             try:
-                error = next((f.exception() for f in after if f.exception() is not None), None)
+                error = next((f.exception() for f in done_first if f.exception() is not None), None)
                 if error is not None:
                     done.set_exception(error)
                     return
-                written = self.pool.submit(write_image, outdir, key, summary, {}, None)
+                written = self.pool.submit(call, *args)
                 written.add_done_callback(lambda f: _settle(done, f))
             except BaseException as error:  # a broken pool: the run must not wait for `done` forever
                 done.set_exception(error)
 
         self._finishing = [f for f in self._finishing if not f.done()] + [done]
-        for future in after:
+        for future in done_first:
             future.add_done_callback(part_written)
         part_written(None)
         return done
@@ -158,28 +146,17 @@ def _settle(done: Future, future: Future) -> None:
         done.set_exception(error)
 
 
-def _write_own(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
-    height, width = job.summary["overlay"]["height"], job.summary["overlay"]["width"]
-    own: dict[str, dict[int, np.ndarray]] = {}
-    for channel, method, target in job.maps:
-        own.setdefault(method, {})[target] = pictures[job.row, channel, :height, :width]
-    if job.complete:
-        write_image(outdir, job.key, job.summary, own, job.raw_maps)
-    else:
-        write_maps(outdir, job.key, job.summary, own, job.raw_maps)
-
-
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}  # a writer process's view of the segments
 _ATTACHED_MAX = 16
 
 
-def _write_shared(outdir: OutputDir, job: ImageJob, shared: tuple) -> None:
+def _write_shared(write: Write, outdir: OutputDir, job: object, shared: tuple) -> None:
     name, shape = shared
     if name not in _ATTACHED:
         if len(_ATTACHED) >= _ATTACHED_MAX:
             _ATTACHED.pop(next(iter(_ATTACHED))).close()
         _ATTACHED[name] = shared_memory.SharedMemory(name=name)
-    _write_own(outdir, job, np.ndarray(shape, np.uint8, _ATTACHED[name].buf))
+    write(outdir, job, np.ndarray(shape, np.uint8, _ATTACHED[name].buf))
 
 
 _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}

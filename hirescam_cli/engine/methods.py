@@ -1,8 +1,9 @@
 """CAM methods as pure tensor math: activations A and gradients G in, raw maps out.
 
-Shapes: A is (B, K, h, w), the target layer's output; G is (B, T, K, h, w), the gradient of
-each of T target scores with respect to A. Every method returns the RAW map (B, T, h, w):
-signed where the method is signed, before any ReLU or normalisation.
+Shapes: A is (B, K, N), the target layer's output over its N flat grid positions (whatever the
+grid's rank: the layout reads it so); G is (B, T, K, N), the gradient of each of T target scores
+with respect to A. Every method returns the RAW map (B, T, N): signed where the method is signed,
+before any ReLU or normalisation. Nothing here knows the grid's shape.
 
 This module imports no torch (the functions only call tensor methods), so the config can check
 method names without loading it.
@@ -19,9 +20,9 @@ if TYPE_CHECKING:
 Method = Callable[["Tensor", "Tensor"], "Tensor"]
 
 
-def _spatial_sum(x: Tensor) -> Tensor:
-    """Sum over the two spatial axes, keeping them for broadcasting."""
-    return x.sum((-2, -1), keepdim=True)
+def _position_sum(x: Tensor) -> Tensor:
+    """Sum over the grid positions, keeping the axis for broadcasting."""
+    return x.sum(-1, keepdim=True)
 
 
 def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -32,38 +33,38 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
 
 def hirescam(a: Tensor, g: Tensor) -> Tensor:
     """HiResCAM: element-wise gradient times activation, summed over channels."""
-    return (g * a.unsqueeze(1)).sum(-3)
+    return (g * a.unsqueeze(1)).sum(-2)
 
 
 def gradcam(a: Tensor, g: Tensor) -> Tensor:
     """Grad-CAM: activations weighted by the spatially averaged gradient (before ReLU)."""
-    return (g.mean((-2, -1), keepdim=True) * a.unsqueeze(1)).sum(-3)
+    return (g.mean(-1, keepdim=True) * a.unsqueeze(1)).sum(-2)
 
 
 def gradcam_elementwise(a: Tensor, g: Tensor) -> Tensor:
     """Element-wise Grad-CAM: ReLU of gradient times activation, summed over channels."""
-    return (g * a.unsqueeze(1)).clamp_min(0).sum(-3)
+    return (g * a.unsqueeze(1)).clamp_min(0).sum(-2)
 
 
 def xgradcam(a: Tensor, g: Tensor) -> Tensor:
     """XGrad-CAM: channel weights sum(G*A)/sum(A) over positions."""
     a = a.unsqueeze(1)
-    weights = _safe_divide(_spatial_sum(g * a), _spatial_sum(a))
-    return (weights * a).sum(-3)
+    weights = _safe_divide(_position_sum(g * a), _position_sum(a))
+    return (weights * a).sum(-2)
 
 
 def gradcam_plus_plus(a: Tensor, g: Tensor) -> Tensor:
     """Grad-CAM++ with the closed-form second/third-order terms of an exponential score."""
     a = a.unsqueeze(1)
     g2 = g * g
-    alpha = _safe_divide(g2, 2 * g2 + _spatial_sum(a) * g2 * g)
-    weights = _spatial_sum(alpha * g.clamp_min(0))
-    return (weights * a).sum(-3)
+    alpha = _safe_divide(g2, 2 * g2 + _position_sum(a) * g2 * g)
+    weights = _position_sum(alpha * g.clamp_min(0))
+    return (weights * a).sum(-2)
 
 
 def layercam(a: Tensor, g: Tensor) -> Tensor:
     """LayerCAM: activations weighted element-wise by the positive gradient."""
-    return (g.clamp_min(0) * a.unsqueeze(1)).sum(-3)
+    return (g.clamp_min(0) * a.unsqueeze(1)).sum(-2)
 
 
 METHODS: dict[str, Method] = {

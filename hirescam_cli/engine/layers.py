@@ -91,7 +91,7 @@ def trace_layers(
     finally:
         for handle in handles:
             handle.remove()
-    hints = layouts.model_hints(model, tuple(example.shape[-2:]))
+    hints = layouts.model_hints(model, tuple(example.shape[2:]))
     infos = _describe(calls, hints, spec or LayoutSpec(), batch=example.shape[0])
     return _probe_grids(infos, calls, _probe_score(calls, logits, made_by)) if probe else infos
 
@@ -105,7 +105,7 @@ def _describe(
     conv_grids = tuple(
         (shape[1], shape[2:])
         for name, shape in shapes.items()
-        if shape is not None and layouts.module_evidence(calls[name].module, shape) == "nchw"
+        if shape is not None and layouts.module_evidence(calls[name].module, shape) == layouts.FIRST
     )
     for name, call in calls.items():
         shape = shapes[name]
@@ -119,8 +119,9 @@ def _describe(
             continue
         evidence = layouts.module_evidence(call.module, shape)
         inherited = infos.get(call.source) if call.source else None
-        if evidence is None and inherited is not None and inherited.layout is not None and len(shape) == 4:
-            evidence = inherited.layout.kind if inherited.shape == shape else None
+        passed_on = inherited is not None and inherited.layout is not None and inherited.shape == shape
+        if evidence is None and passed_on and inherited.layout.kind != layouts.TOKENS:
+            evidence = inherited.layout.kind
         try:
             layout = layouts.infer(name, shape, hints, spec, evidence, conv_grids)
             infos[name] = LayerInfo(name, shape, call.calls, layout=layout)
@@ -160,7 +161,7 @@ def _probe_grids(infos: list[LayerInfo], calls: dict[str, _Call], score: Tensor 
         for i, grad in zip(wanted, found, strict=True):
             grads[i] = grad
     depends = {
-        info.name: grad is not None and bool(info.layout.to_map(grad).ne(0).any())
+        info.name: grad is not None and bool(info.layout.to_flat(grad).ne(0).any())
         for info, grad in zip(probed, grads, strict=True)
     }
     return [replace(i, grid_gradient=depends[i.name]) if i.name in depends else i for i in infos]

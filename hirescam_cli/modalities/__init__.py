@@ -1,0 +1,45 @@
+"""Modalities: what one kind of input needs, in one place, so the run never branches on the kind.
+
+A modality is a class with
+    kind                            its name, as `[input] kind` in the config
+    from_config(config, transforms, pictures)   the one the config asks for (transforms: the model's
+                                    preprocessing preset, or None)
+    input_shape() -> (C, *spatial)  every model input's shape (for probes)
+    max_bytes() -> int              the largest file worth reading
+    load(data) -> (input, view)     decode and preprocess one file's bytes, keeping the geometry in the
+                                    view; an InputFailure for a bad file (runs in the loader's workers,
+                                    so the object must pickle)
+    collate(views) -> views         a batch's views together
+    describe(views, row) -> dict    the summary fields of one input (its size, its pictures')
+    locate(maps, views) -> Tensor   the peak of each (B, T, *grid) map in the input's own coordinates
+    renderer(config, device)        what turns a batch's maps into pictures on the input, in parts
+and a torch-free module of its files with `accepts(name) -> bool` for folder walks. A new kind is
+those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
+"""
+
+import importlib
+from collections.abc import Callable
+
+from ..errors import UsageError
+
+# kind -> (the modality class, in this package; the module of its files)
+KINDS = {"images": ("images.Images", "image_files")}
+
+
+def accepts(kind: str) -> Callable[[str], bool]:
+    """The file-name test of a kind's folder walks (torch-free)."""
+    return importlib.import_module(f"{__name__}.{_entry(kind)[1]}").accepts
+
+
+def open_modality(config, transforms, pictures: bool = True):
+    """The modality the config's `[input] kind` names, with the model's preprocessing preset; `pictures`
+    False: no pictures are drawn (an eval)."""
+    module, _, name = _entry(config.input.kind)[0].rpartition(".")
+    modality = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return modality.from_config(config, transforms, pictures)
+
+
+def _entry(kind: str) -> tuple[str, str]:
+    if kind not in KINDS:
+        raise UsageError(f"input.kind = {kind!r} is not allowed: expected one of {', '.join(KINDS)}")
+    return KINDS[kind]

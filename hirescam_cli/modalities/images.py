@@ -1,0 +1,277 @@
+"""The first modality: 2-D pictures. Pillow decoding (image_files.py), resize and centre crop with the
+crop box kept, so a map cell lands on the pixels its input came from, and overlays drawn on the
+original at its size up to `output.max_side` (image_overlays.py).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+
+from ..config import Config, ConfigError, PreprocessConfig
+from .image_files import decode
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PictureView:
+    """One picture as the outputs need it: its original size, the box the model input covers, and the
+    picture its overlays are drawn on (None where no overlays are drawn)."""
+
+    size: tuple[int, int]  # (H, W) of the original
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) in original pixels
+    picture: Tensor | None  # uint8 (3, h, w): the original, scaled down beyond max_side
+
+
+@dataclass
+class PictureViews:
+    """A batch's pictures: what `Images.collate` makes of its PictureViews."""
+
+    sizes: list[tuple[int, int]]
+    boxes: Tensor  # (N, 4) float64
+    pictures: list[Tensor | None]  # emptied as the overlays are drawn
+
+    def pin_memory(self) -> "PictureViews":
+        """Page-locked pictures, for quick copies to a GPU."""
+        pinned = [p.pin_memory() if p is not None else None for p in self.pictures]
+        return replace(self, pictures=pinned)
+
+
+@dataclass(frozen=True)
+class Images:
+    """2-D pictures in, overlays registered on the original out (see the `modalities` package)."""
+
+    kind: ClassVar[str] = "images"
+    preprocess: "Preprocess"
+    max_pixels: int | None = None  # larger pictures are refused (decompression bombs)
+    max_side: int | None = None  # overlay pictures' long side at most; None: no overlay pictures
+
+    @classmethod
+    def from_config(cls, config: Config, transforms: Any, pictures: bool = True) -> "Images":
+        """The config's preprocessing (the model's preset where the config is silent) and output size."""
+        preprocess = make_preprocess(config.preprocess, transforms)
+        return cls(preprocess, config.preprocess.max_pixels, config.output.max_side if pictures else None)
+
+    def __str__(self) -> str:
+        return str(self.preprocess)
+
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of every model input."""
+        return (3, *self.preprocess.input_size)
+
+    def max_bytes(self) -> int | None:
+        """The largest file a picture within max_pixels can be: 8 bytes a pixel (16-bit RGBA,
+        uncompressed) plus room for metadata."""
+        return None if self.max_pixels is None else 8 * self.max_pixels + 2**24
+
+    def load(self, data: bytes) -> tuple[Tensor, PictureView]:
+        """The model input and the view of one file's bytes; ImageError (an InputFailure) for a bad one."""
+        image = torch.from_numpy(decode(data, self.max_pixels, self.preprocess.resize))
+        del data
+        tensor, box = self.preprocess(image)
+        picture = None if self.max_side is None else overlay_image(image, self.max_side)
+        return tensor, PictureView((image.shape[1], image.shape[2]), box, picture)
+
+    def collate(self, views: Sequence[PictureView]) -> PictureViews:
+        return PictureViews(
+            sizes=[v.size for v in views],
+            boxes=torch.tensor([v.box for v in views], dtype=torch.float64).reshape(-1, 4),
+            pictures=[v.picture for v in views if v.picture is not None],
+        )
+
+    def describe(self, views: PictureViews, row: int) -> dict:
+        """The summary fields of one picture: its size, and its overlays' (the PNGs') size and scale."""
+        (height, width), (shown_height, shown_width) = views.sizes[row], views.pictures[row].shape[1:]
+        return {
+            "width": int(width),
+            "height": int(height),
+            "overlay": {
+                "width": int(shown_width),
+                "height": int(shown_height),
+                "scale": max(shown_width, shown_height) / max(width, height),
+            },
+        }
+
+    def locate(self, maps: Tensor, views: PictureViews) -> Tensor:
+        """Peak of each map (B, T, h, w) as (x, y) in original-image pixels -> (B, T, 2)."""
+        height, width = maps.shape[-2:]
+        flat = maps.flatten(-2).argmax(-1)
+        row, col = flat // width, flat % width
+        boxes = views.boxes.to(maps.device, torch.float32)[:, None]  # (B, 1, 4)
+        x = boxes[..., 0] + (col + 0.5) / width * (boxes[..., 2] - boxes[..., 0])
+        y = boxes[..., 1] + (row + 0.5) / height * (boxes[..., 3] - boxes[..., 1])
+        return torch.stack([x, y], -1).floor()
+
+    def renderer(self, config: Config, device: torch.device):
+        """What draws a batch's overlays, in parts (image_overlays.Renderer)."""
+        from .image_overlays import Renderer
+
+        return Renderer(config, device)
+
+    def masks_to_input(self, masks: Sequence[Tensor]) -> Tensor:
+        """Masks (H, W) bool of the originals through the same resize and crop -> bool (N, h, w) over the
+        model input."""
+        geometry = Preprocess(self.preprocess.resize, self.preprocess.crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        return torch.stack(
+            [
+                geometry(torch.as_tensor(m).to(torch.uint8).mul(255).expand(3, -1, -1))[0][0] > 0.5
+                for m in masks
+            ]
+        )
+
+
+def overlay_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The (h, w) of an image's overlays: its own size up to a long side of `max_side`, else scaled down
+    so that the long side is `max_side` (aspect kept: the short side rounded to whole pixels, at least 1)."""
+    long = max(height, width)
+    if long <= max_side:
+        return height, width
+    return tuple(max(1, (2 * side * max_side + long) // (2 * long)) for side in (height, width))
+
+
+def overlay_image(image: torch.Tensor, max_side: int) -> torch.Tensor:
+    """The uint8 (3, h, w) picture an image's overlays are drawn on: the image itself, or, beyond `max_side`,
+    an antialiased bilinear reduction to `overlay_size`."""
+    size = overlay_size(image.shape[1], image.shape[2], max_side)
+    if size == tuple(image.shape[1:]):
+        return image
+    return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An (h, w) pair from an int (square) or a pair."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def _is_size(value: object) -> bool:
+    """Whether a value is a positive int or an (h, w) pair of them."""
+    pair = (value, value) if isinstance(value, int) else value
+    return (
+        isinstance(pair, tuple | list)
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)
+    )
+
+
+def _crop_start(size: int, crop: int) -> int:
+    """Where torchvision's center_crop starts along one axis (negative when it pads)."""
+    if crop > size:
+        return -((crop - size) // 2)
+    return round((size - crop) / 2.0)
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (antialiased), centre-crop and normalise a uint8 image, keeping the covered region."""
+
+    resize: int | tuple[int, int] | None  # int: shorter side (aspect kept); (h, w): exact size
+    crop: int | tuple[int, int] | None  # centre crop after the resize; zero-padded when larger
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # of the resize: bilinear or bicubic (antialiased), or nearest
+
+    def __post_init__(self) -> None:
+        """Reject sizes and statistics that cannot work."""
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and not _is_size(value):
+                raise ValueError(f"{name} must be a positive int or (h, w) pair of them, got {value!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            allowed = ", ".join(INTERPOLATIONS)
+            raise ValueError(f"interpolation must be one of {allowed}; got {self.interpolation!r}")
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The (h, w) of every model input when fixed (a crop, or an exact resize), else None."""
+        if self.crop is not None:
+            return _pair(self.crop)
+        if self.resize is not None and not isinstance(self.resize, int):
+            return _pair(self.resize)
+        return None
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """Return the normalised float (3, h, w) model input and the box (x0, y0, x1, y1) it covers.
+
+        The box is in the original image's pixel coordinates (edges, not centres): model input pixel
+        column j spans x0 + j * (x1 - x0) / w .. x0 + (j + 1) * (x1 - x0) / w. It extends beyond the image
+        where the crop pads.
+        """
+        height, width = image.shape[-2:]
+        if self.resize is not None:
+            size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
+            mode = InterpolationMode(self.interpolation)
+            image = TF.resize(image, size, interpolation=mode, antialias=True)
+        resized_h, resized_w = image.shape[-2:]
+        top, left, out_h, out_w = 0, 0, resized_h, resized_w
+        if self.crop is not None:
+            out_h, out_w = _pair(self.crop)
+            image = TF.center_crop(image, [out_h, out_w])
+            top, left = _crop_start(resized_h, out_h), _crop_start(resized_w, out_w)
+        box = (
+            left * width / resized_w,
+            top * height / resized_h,
+            (left + out_w) * width / resized_w,
+            (top + out_h) * height / resized_h,
+        )
+        tensor = TF.normalize(image.float().div_(255), list(self.mean), list(self.std), inplace=True)
+        return tensor, box
+
+
+def make_preprocess(config: PreprocessConfig, transforms: Any) -> "Preprocess":
+    """Config values, else the model's preset (torchvision weights, timm), else ImageNet's 256 / 224."""
+    resize = config.resize or (_preset_size(transforms.resize_size) if transforms else 256)
+    crop = config.crop
+    if crop is None and not isinstance(config.resize, tuple):  # an exact resize in the config: no crop
+        crop = _preset_size(transforms.crop_size) if transforms else 224
+    mean = config.mean or (tuple(transforms.mean) if transforms else IMAGENET_MEAN)
+    std = config.std or (tuple(transforms.std) if transforms else IMAGENET_STD)
+    preset = getattr(transforms, "interpolation", "bilinear")
+    interpolation = config.interpolation or getattr(preset, "value", preset)  # torchvision's is an enum
+    _check_crop(config, resize, crop, "the model's preset" if transforms else "the default")
+    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+
+
+def _check_crop(config: PreprocessConfig, resize, crop, origin: str) -> None:
+    """Refuse a crop larger than the resized picture: the model would see zero padding round every picture."""
+    if crop is None or resize is None:
+        return
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    if isinstance(resize, int):
+        larger = max(crop_h, crop_w) > resize  # the shorter side is `resize`, whichever way up the picture is
+    else:
+        larger = crop_h > resize[0] or crop_w > resize[1]
+    if not larger:
+        return
+    crop_text = (
+        f"preprocess.crop = {_size_text(crop)}"
+        if config.crop
+        else f"the crop of {_size_text(crop)} ({origin})"
+    )
+    resize_text = (
+        f"preprocess.resize = {_size_text(resize)}"
+        if config.resize
+        else f"the resize of {_size_text(resize)} ({origin})"
+    )
+    raise ConfigError(
+        f"{crop_text} is larger than {resize_text}: the model would see zero padding round every picture; "
+        "make the crop at most the resize"
+    )
+
+
+def _size_text(size) -> str:
+    return str(size) if isinstance(size, int) else str(list(size))
+
+
+def _preset_size(size: list[int]) -> int | tuple[int, int]:
+    """A preset's [side] or [h, w] as the Preprocess size."""
+    return size[0] if len(size) == 1 else (size[0], size[1])

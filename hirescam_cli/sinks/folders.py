@@ -1,0 +1,210 @@
+"""The first sink: a folder per input, OUT/<key>/, holding exactly what its summary lists.
+
+    OUT/a/cat.jpg/summary.json           the input's summary, listing every other file of its folder
+    OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's)
+    OUT/a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
+
+An input's set is staged and swapped in whole (``OutputDir.replacing``): OUT/<key> holds the old complete
+set or the new one, never a mix. Resume knows an input is done when its summary has the input's sha256
+and the run's fingerprint and its folder holds exactly the files the summary lists. Writing happens in
+the writer pool (writers.py). Imports no torch: the report reads runs through `find_summaries`.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError
+from ..outputs import RESERVED, OutputDir, encode_png, json_bytes, npy_bytes
+
+SUMMARY_NAME = "summary.json"
+
+
+def summary_path(key: str) -> str:
+    """Where an input's summary is, relative to OUT (results.jsonl records it)."""
+    return f"{key}/{SUMMARY_NAME}"
+
+
+def map_paths(key: str, method: str, cls: int, raw: bool) -> tuple[str, str | None]:
+    """Where a map's picture and (with --save-raw) its raw array go, relative to OUT."""
+    return f"{key}/{method}-{cls}.png", (f"{key}/{method}-{cls}.npy" if raw else None)
+
+
+def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
+    """Write some of one image's PNGs (and raw maps) into its staging folder: a huge image's come in several
+    parts, from any writer, and `write_image` then puts the whole set in place.
+
+    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t], `raw_maps[method][t]`
+    (or raw_maps None) its float32 (h, w) raw map.
+    """
+    staging = outdir.staging(key)
+    staging.mkdir(exist_ok=True)
+    for method, overlays in pictures.items():
+        for t, pixels in overlays.items():
+            files = summary["targets"][t]["maps"][method]
+            outdir.create(staging / _own_name(key, files["png"]), encode_png(pixels, outdir.png))
+            if raw_maps is not None:
+                outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
+
+
+def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
+    """Write one image's remaining PNGs and raw maps (as write_maps; {} when earlier parts wrote them all)
+    and its summary, then replace OUT/<key> with the complete set at once."""
+    with outdir.replacing(key) as staging:
+        write_maps(outdir, key, summary, pictures, raw_maps)
+        outdir.create(staging / SUMMARY_NAME, json_bytes(summary))
+
+
+def _own_name(key: str, path: str) -> str:
+    """The file name of a path (relative to OUT) that a summary lists in its own folder."""
+    folder, _, name = path.rpartition("/")
+    if folder != key or name in ("", ".", "..", SUMMARY_NAME):
+        raise OutputError(f"refusing to write {path}: it lies outside the folder of {key}")
+    return name
+
+
+def listed_files(summary: dict) -> set[str]:
+    """The names of the files a summary says its folder holds, summary.json included."""
+    names = {SUMMARY_NAME}
+    for target in summary["targets"]:
+        for files in target["maps"].values():
+            names.update(path.rpartition("/")[2] for path in (files["png"], files["raw"]) if path)
+    return names
+
+
+def folder_files(folder: Path) -> set[str]:
+    """The names of the files in a folder (its subfolders hold other inputs' outputs)."""
+    with os.scandir(folder) as entries:
+        return {entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)}
+
+
+@dataclass(frozen=True)
+class ResumeCheck:
+    """Picklable test, run in the loader's workers: is this input already done with this config, its folder
+    holding exactly the files its summary lists (a folder that holds more or less is redone)?"""
+
+    root: Path
+    fingerprint: str
+
+    def __call__(self, item, sha256: str) -> bool:
+        folder = self.root / item.key
+        try:
+            summary = json.loads((folder / SUMMARY_NAME).read_bytes())
+            if summary.get("sha256") != sha256 or summary.get("fingerprint") != self.fingerprint:
+                return False
+            return listed_files(summary) == folder_files(folder)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+
+
+def find_summaries(root: Path) -> list[str]:
+    """Every summary under OUT, relative to it, sorted (for a run killed before its ledger)."""
+    found = []
+    for folder, names, files in os.walk(root):
+        if folder == str(root):
+            names[:] = [n for n in names if n not in RESERVED]
+        names.sort()
+        if SUMMARY_NAME in files:
+            found.append(summary_path(Path(folder).relative_to(root).as_posix()))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One input's pictures in a part of a batch's pictures; `complete`: they are its last, so its summary
+    is written with them (else `FolderSink.write` has it written once every part is written)."""
+
+    key: str
+    summary: dict
+    row: int  # its row in the part's pictures
+    maps: list[tuple[int, str, int]]  # (channel of the part's pictures, method, index in summary["targets"])
+    raw_maps: (
+        dict[str, dict[int, np.ndarray]] | None
+    )  # float32 raw maps by method and target, with --save-raw
+    complete: bool = True
+
+
+def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
+    """Write one job: its pictures (cut from the part, padded to the largest, to the input's own size) and,
+    when it is the input's last, its summary and the swap (run in a writer thread or process)."""
+    height, width = job.summary["overlay"]["height"], job.summary["overlay"]["width"]
+    own: dict[str, dict[int, np.ndarray]] = {}
+    for channel, method, target in job.maps:
+        own.setdefault(method, {})[target] = pictures[job.row, channel, :height, :width]
+    if job.complete:
+        write_image(outdir, job.key, job.summary, own, job.raw_maps)
+    else:
+        write_maps(outdir, job.key, job.summary, own, job.raw_maps)
+
+
+class FolderSink:
+    """A folder per input under OUT, written by a pool of writer threads or processes (writers.py)."""
+
+    map_paths = staticmethod(map_paths)
+    summary_path = staticmethod(summary_path)
+
+    def __init__(self, out: OutputDir, writers: int):
+        from .writers import Writers
+
+        self.out = out
+        self.writers = Writers(writers)
+
+    def resume_check(self, fingerprint: str) -> ResumeCheck:
+        return ResumeCheck(self.out.root, fingerprint)
+
+    def write(
+        self,
+        keys: Sequence[str],
+        summaries: Sequence[dict],
+        columns: Sequence[list[int]],
+        raw_maps: dict[str, np.ndarray] | None,
+        parts,
+        methods: Sequence[str],
+    ) -> list[Future]:
+        """Queue the writes of a batch's inputs (`keys`, their `summaries`), part by part of its pictures
+        (the modality renderer's parts: channel m * T + t is target t of method m); a future per input.
+
+        `columns[row]` are the target indices of the batch that summaries[row]["targets"] lists, and
+        raw_maps[method] (or None) holds the batch's raw maps, (B, T, *grid).
+        """
+        futures: dict[int, Future] = {}
+        cut: dict[int, list[Future]] = {}  # row -> the writes so far of an input whose pictures span parts
+        for part in parts:
+            targets = part.targets
+            everything = range(len(methods) * targets)
+            jobs = []
+            for row in part.rows:
+                own = [
+                    (m * targets + t - part.channels.start, method, i)
+                    for m, method in enumerate(methods)
+                    for i, t in enumerate(columns[row])
+                    if m * targets + t in part.channels
+                ]
+                raw = None
+                if raw_maps is not None:
+                    raw = {method: {} for method in methods}
+                    for _, method, i in own:
+                        raw[method][i] = raw_maps[method][row, columns[row][i]]
+                whole = part.channels == everything
+                jobs.append(
+                    ImageJob(keys[row], summaries[row], row - part.rows.start, own, raw, complete=whole)
+                )
+            written = self.writers.submit(write_job, self.out, part.pictures, jobs)
+            for row, job, future in zip(part.rows, jobs, written, strict=True):
+                if job.complete:
+                    futures[row] = future
+                    continue
+                cut.setdefault(row, []).append(future)
+                if part.channels.stop == everything.stop:  # its last part
+                    finish = (write_image, self.out, job.key, job.summary, {}, None)
+                    futures[row] = self.writers.after(cut.pop(row), *finish)
+        return [futures[row] for row in range(len(keys))]
+
+    def shutdown(self) -> None:
+        """Wait for every queued write."""
+        self.writers.shutdown()
