@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import modalities
 from .engine.methods import METHODS
 from .errors import UsageError
 
@@ -35,6 +36,7 @@ class ModelConfig:
     layout: str = "auto"  # how the target layer holds its map: auto, nchw, nhwc or tokens
     grid: tuple[int, int] | None = None  # the token grid (h, w); None: inferred
     prefix_tokens: int | None = None  # tokens before the grid (class, distillation, registers)
+    kwargs: dict[str, Any] | None = None  # [model.kwargs]: constructor arguments (monai:NAME, factories)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class OutputConfig:
 class Config:
     input: InputConfig
     model: ModelConfig
-    preprocess: PreprocessConfig
+    preprocess: Any  # PreprocessConfig for pictures; the kind's own table otherwise (modalities.preprocess_table)
     explain: ExplainConfig
     render: RenderConfig
     output: OutputConfig
@@ -110,8 +112,10 @@ SECTIONS = {
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):
-        return list(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -243,6 +247,12 @@ def _device(key: str, value: Any, base: Path) -> str:
     raise _fail(key, value, "auto, cpu, cuda, cuda:N or mps")
 
 
+def _kwargs(key: str, value: Any, _base: Path) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise _fail(key, value, "a table of keyword arguments ([model.kwargs] with name = value lines)")
+    return dict(value)
+
+
 def _png(key: str, value: Any, _base: Path) -> str:
     if value not in ("fast", "small"):
         raise _fail(key, value, '"fast" (fpng) or "small" (zlib)')
@@ -250,7 +260,7 @@ def _png(key: str, value: Any, _base: Path) -> str:
 
 
 VALIDATORS = {
-    "input": {"kind": _text},  # checked against the modalities when the run opens
+    "input": {"kind": _choice(*modalities.KINDS)},
     "model": {
         "arch": _text,
         "factory": _text,
@@ -263,6 +273,7 @@ VALIDATORS = {
         "layout": _choice("auto", "nchw", "nhwc", "tokens"),
         "grid": _grid,
         "prefix_tokens": _count,
+        "kwargs": _kwargs,
     },
     "preprocess": {
         "resize": _size,
@@ -309,6 +320,8 @@ def build(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table of keys")
         validators = VALIDATORS[name]
+        if name == "preprocess":  # the kind of input declares its own table (pictures: PreprocessConfig's)
+            cls, validators = modalities.preprocess_table(sections["input"].kind) or (cls, validators)
         bad = sorted(set(values) - set(validators))
         if bad:
             raise ConfigError(f"unknown key {name}.{bad[0]}; valid keys: {', '.join(validators)}")
@@ -338,6 +351,8 @@ def _check_whole(config: Config) -> None:
         raise ConfigError(f"model.factory = {model.factory!r} must look like 'package.module:callable'")
     if config.explain.classes is not None and config.explain.threshold is not None:
         raise ConfigError("set either explain.classes or explain.threshold, not both")
+    if model.kwargs is not None and not (model.factory or (model.arch or "").startswith("monai:")):
+        raise ConfigError("[model.kwargs] are constructor arguments of a monai:NAME model or a model.factory")
 
 
 def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:

@@ -13,7 +13,7 @@ from .config import Config, ConfigError
 from .discovery import InputItem, discover
 from .engine.methods import METHODS
 from .metrics import TOP_FRACTION, UNUSED_FRACTION, deletion_insertion, fidelity, localisation, summarise
-from .modalities import accepts
+from .modalities import accepts, group
 from .outputs import OutputDir
 from .progress import Progress
 from .report import write_eval_page
@@ -79,7 +79,7 @@ def run_eval(
         raise ConfigError("eval matches masks to classes by label: set model.labels")
     model = loaded.module
     choose = session.selection() if masks is None else {}
-    items = discover(images, accepts=accepts(config.input.kind))
+    items = discover(images, accepts=accepts(config.input.kind), group=group(config.input.kind))
     resources = session.resources
     loader = make_loader(InputDataset(items, modality), resources.batch_size, resources.workers)
     score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))

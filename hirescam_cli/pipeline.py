@@ -163,11 +163,13 @@ class ExplainRun:
 
     def _write(self, batch: Batch, result: Explanation, renderer) -> dict[int, tuple[dict, Future]]:
         """Hand the batch's good inputs to the sink: their summaries, raw maps and pictures (in parts)."""
-        session, sink, config = self.session, self.sink, self.config
+        session, sink, config, modality = self.session, self.sink, self.config, self.session.modality
         methods, save_raw = config.explain.methods, config.output.save_raw
+        extra = modality.numbers(result, batch.views)
         numbers = batch_numbers(
-            result, config.model.multilabel, lambda maps: session.modality.locate(maps, batch.views)
+            result, config.model.multilabel, lambda maps: modality.locate(maps, batch.views), extra
         )
+        map_files = modality.map_files(save_raw)
         raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if save_raw else None
         keys = [self.items[index].key for index in batch.indices]
         summaries, columns = [], []  # per row: its summary, and the targets of the batch it lists
@@ -176,7 +178,7 @@ class ExplainRun:
                 "schema": SCHEMA,
                 "input": self.items[index].shown,
                 "key": key,
-                **session.modality.describe(batch.views, row),
+                **modality.describe(batch.views, row),
                 "sha256": batch.sha256[row],
                 "model": session.loaded.name,
                 "target_layer": result.target_layer,
@@ -185,8 +187,8 @@ class ExplainRun:
                 "random_weights": session.loaded.random_weights,
             }
 
-            def files(method: str, cls: int, key: str = key) -> tuple[str, str | None]:
-                return sink.map_paths(key, method, cls, save_raw)
+            def files(method: str, cls: int, key: str = key) -> dict[str, str | None]:
+                return sink.map_paths(key, method, cls, save_raw, map_files)
 
             summary = image_summary(
                 numbers,
@@ -197,6 +199,7 @@ class ExplainRun:
                 result.guarantee,
                 files,
                 config.explain.threshold,
+                tuple(extra),
             )
             summaries.append(summary)
             columns.append([t for t, valid in enumerate(numbers["valid"][row]) if valid])

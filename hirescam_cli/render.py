@@ -2,7 +2,8 @@
 of a batch's pictures into parts of bounded size (what the modalities' renderers yield to the sinks)."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -34,12 +35,15 @@ def normalize_signed(maps: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Part:
     """Some of a batch's pictures (see ``plan_parts``): channel c of an input is target c % targets of method
-    c // targets (methods in config order)."""
+    c // targets (methods in config order). `files` holds the modality's other files of these maps (its
+    `map_files`): (row of the batch, channel) -> {summary field: payload}, a payload being a picklable
+    object with `encode() -> bytes` (run by a writer) and `nbytes` (what it holds until then)."""
 
     rows: range  # the inputs, rows of the batch
     channels: range
     targets: int  # T, the batch's targets per input
     pictures: np.ndarray  # uint8 (len(rows), len(channels), H, W, 3) on the host, padded to the largest
+    files: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
 
 UNEXPLAINED = 128  # grey laid over the parts of the image the model never saw (cut by a crop)

@@ -5,16 +5,24 @@ A modality is a class with
     from_config(config, transforms, pictures)   the one the config asks for (transforms: the model's
                                     preprocessing preset, or None)
     input_shape() -> (C, *spatial)  every model input's shape (for probes)
-    max_bytes() -> int              the largest file worth reading
-    load(data) -> (input, view)     decode and preprocess one file's bytes, keeping the geometry in the
-                                    view; an InputFailure for a bad file (runs in the loader's workers,
-                                    so the object must pickle)
+    max_bytes() -> int              the largest input worth reading (all its files together)
+    load(data) -> (input, view)     decode and preprocess one input's bytes (a list of its files' bytes for
+                                    an input of several files), keeping the geometry in the view; an
+                                    InputFailure for a bad input (runs in the loader's workers, so the
+                                    object must pickle)
     collate(views) -> views         a batch's views together
     describe(views, row) -> dict    the summary fields of one input (its size, its pictures')
     locate(maps, views) -> Tensor   the peak of each (B, T, *grid) map in the input's own coordinates
+    numbers(result, views) -> dict  more summary numbers, (B, T, ...) tensors: "field" goes in each
+                                    target, "method.field" in each map (pictures: none)
+    map_files(save_raw) -> dict     the files each map has besides its picture and raw array:
+                                    summary field -> name suffix (pictures: none)
     renderer(config, device)        what turns a batch's maps into pictures on the input, in parts
-and a torch-free module of its files with `accepts(name) -> bool` for folder walks. A new kind is
-those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
+                                    (`render.Part`, with the payloads of the map_files)
+and a torch-free module of its files with `accepts(name) -> bool` for folder walks and, for a kind whose
+inputs can be several files, `group(folder, paths)` (see discovery.catalogue). A kind may declare its own
+`[preprocess]` table (a frozen dataclass with a KEYS dict of validators) in a torch-free module. A new kind
+is those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
 """
 
 import importlib
@@ -22,13 +30,36 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 
-# kind -> (the modality class, in this package; the module of its files)
-KINDS = {"images": ("images.Images", "image_files")}
+# kind -> (the modality class, in this package; the module of its files; its [preprocess] table, None: the
+# pictures' (config.PreprocessConfig))
+KINDS = {
+    "images": ("images.Images", "image_files", None),
+    "volumes": ("volumes.Volumes", "volume_files", "volume_settings.VolumePreprocess"),
+}
 
 
 def accepts(kind: str) -> Callable[[str], bool]:
     """The file-name test of a kind's folder walks (torch-free)."""
-    return importlib.import_module(f"{__name__}.{_entry(kind)[1]}").accepts
+    return _files(kind).accepts
+
+
+def group(kind: str) -> Callable | None:
+    """How a kind makes inputs of several files out of a folder's files (None: every file is an input)."""
+    return getattr(_files(kind), "group", None)
+
+
+def preprocess_table(kind: str) -> tuple[type, dict] | None:
+    """A kind's own `[preprocess]` table: its dataclass and a validator per key (None: the pictures')."""
+    table = _entry(kind)[2]
+    if table is None:
+        return None
+    module, _, name = table.rpartition(".")
+    cls = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return cls, cls.KEYS
+
+
+def _files(kind: str):
+    return importlib.import_module(f"{__name__}.{_entry(kind)[1]}")
 
 
 def open_modality(config, transforms, pictures: bool = True):
@@ -39,7 +70,7 @@ def open_modality(config, transforms, pictures: bool = True):
     return modality.from_config(config, transforms, pictures)
 
 
-def _entry(kind: str) -> tuple[str, str]:
+def _entry(kind: str) -> tuple[str, str, str | None]:
     if kind not in KINDS:
         raise UsageError(f"input.kind = {kind!r} is not allowed: expected one of {', '.join(KINDS)}")
     return KINDS[kind]

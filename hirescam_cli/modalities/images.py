@@ -47,6 +47,8 @@ class Images:
     """2-D pictures in, overlays registered on the original out (see the `modalities` package)."""
 
     kind: ClassVar[str] = "images"
+    noun: ClassVar[str] = "image"  # what one input is, in messages
+    limit: ClassVar[str] = "any image within --max-pixels"  # what max_bytes stands for, in messages
     preprocess: "Preprocess"
     max_pixels: int | None = None  # larger pictures are refused (decompression bombs)
     max_side: int | None = None  # overlay pictures' long side at most; None: no overlay pictures
@@ -76,6 +78,14 @@ class Images:
         tensor, box = self.preprocess(image)
         picture = None if self.max_side is None else overlay_image(image, self.max_side)
         return tensor, PictureView((image.shape[1], image.shape[2]), box, picture)
+
+    def numbers(self, result, views: PictureViews) -> dict[str, Tensor]:
+        """No summary numbers beyond the common ones."""
+        return {}
+
+    def map_files(self, save_raw: bool) -> dict[str, str]:
+        """No files per map beyond its picture and raw array."""
+        return {}
 
     def collate(self, views: Sequence[PictureView]) -> PictureViews:
         return PictureViews(

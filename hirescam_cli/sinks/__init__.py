@@ -1,7 +1,7 @@
 """Sinks: where an explained input's outputs go and how a rerun knows it is done.
 
 A sink is a class built from OUT (an `outputs.OutputDir`) and the writer count, with
-    map_paths(key, method, cls, raw)   where a map's picture and raw array go (relative to OUT)
+    map_paths(key, method, cls, raw, extra)  where a map's files go, by summary field (relative to OUT)
     summary_path(key)                  where the input's summary goes (results.jsonl records it)
     resume_check(fingerprint)          a picklable test (item, sha256) -> done, run in the loader's workers
     write(...)                         queue a batch's pictures, raw maps and summaries; futures per input

@@ -3,6 +3,7 @@
     OUT/a/cat.jpg/summary.json           the input's summary, listing every other file of its folder
     OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's)
     OUT/a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
+    OUT/a/cat.jpg/<method>-<class><suffix>  the modality's other files per map (volumes: .nii.gz)
 
 An input's set is staged and swapped in whole (``OutputDir.replacing``): OUT/<key> holds the old complete
 set or the new one, never a mix. Resume knows an input is done when its summary has the input's sha256
@@ -30,33 +31,41 @@ def summary_path(key: str) -> str:
     return f"{key}/{SUMMARY_NAME}"
 
 
-def map_paths(key: str, method: str, cls: int, raw: bool) -> tuple[str, str | None]:
-    """Where a map's picture and (with --save-raw) its raw array go, relative to OUT."""
-    return f"{key}/{method}-{cls}.png", (f"{key}/{method}-{cls}.npy" if raw else None)
+def map_paths(
+    key: str, method: str, cls: int, raw: bool, extra: dict[str, str] | None = None
+) -> dict[str, str | None]:
+    """Where a map's files go, relative to OUT, by summary field: its picture ("png"), with --save-raw its
+    raw array ("raw"), and the modality's other files (`extra`: field -> name suffix)."""
+    stem = f"{key}/{method}-{cls}"
+    paths = {"png": f"{stem}.png", "raw": f"{stem}.npy" if raw else None}
+    return paths | {field: f"{stem}{suffix}" for field, suffix in (extra or {}).items()}
 
 
-def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write some of one image's PNGs (and raw maps) into its staging folder: a huge image's come in several
-    parts, from any writer, and `write_image` then puts the whole set in place.
+def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps, files=None) -> None:
+    """Write some of one input's PNGs (raw maps, other files) into its staging folder: a huge input's come
+    in several parts, from any writer, and `write_image` then puts the whole set in place.
 
-    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t], `raw_maps[method][t]`
-    (or raw_maps None) its float32 (h, w) raw map.
+    `pictures[method][t]` is the uint8 (H, W, 3) picture of summary["targets"][t], `raw_maps[method][t]`
+    (or raw_maps None) its float32 raw map, and `files[(method, t)]` (or files None) its other files by
+    summary field: payloads whose `encode()` gives the file's bytes (render.Part).
     """
     staging = outdir.staging(key)
     staging.mkdir(exist_ok=True)
     for method, overlays in pictures.items():
         for t, pixels in overlays.items():
-            files = summary["targets"][t]["maps"][method]
-            outdir.create(staging / _own_name(key, files["png"]), encode_png(pixels, outdir.png))
+            paths = summary["targets"][t]["maps"][method]
+            outdir.create(staging / _own_name(key, paths["png"]), encode_png(pixels, outdir.png))
             if raw_maps is not None:
-                outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
+                outdir.create(staging / _own_name(key, paths["raw"]), npy_bytes(raw_maps[method][t]))
+            for field, payload in (files or {}).get((method, t), {}).items():
+                outdir.create(staging / _own_name(key, paths[field]), payload.encode())
 
 
-def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's remaining PNGs and raw maps (as write_maps; {} when earlier parts wrote them all)
-    and its summary, then replace OUT/<key> with the complete set at once."""
+def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps, files=None) -> None:
+    """Write one input's remaining files (as write_maps; {} when earlier parts wrote them all) and its
+    summary, then replace OUT/<key> with the complete set at once."""
     with outdir.replacing(key) as staging:
-        write_maps(outdir, key, summary, pictures, raw_maps)
+        write_maps(outdir, key, summary, pictures, raw_maps, files)
         outdir.create(staging / SUMMARY_NAME, json_bytes(summary))
 
 
@@ -69,11 +78,12 @@ def _own_name(key: str, path: str) -> str:
 
 
 def listed_files(summary: dict) -> set[str]:
-    """The names of the files a summary says its folder holds, summary.json included."""
+    """The names of the files a summary says its folder holds, summary.json included: every string field of
+    a map is the path of one of its files."""
     names = {SUMMARY_NAME}
     for target in summary["targets"]:
-        for files in target["maps"].values():
-            names.update(path.rpartition("/")[2] for path in (files["png"], files["raw"]) if path)
+        for fields in target["maps"].values():
+            names.update(value.rpartition("/")[2] for value in fields.values() if isinstance(value, str))
     return names
 
 
@@ -127,6 +137,7 @@ class ImageJob:
         dict[str, dict[int, np.ndarray]] | None
     )  # float32 raw maps by method and target, with --save-raw
     complete: bool = True
+    files: dict[tuple[str, int], dict] | None = None  # (method, target) -> the modality's other files
 
 
 def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
@@ -137,9 +148,9 @@ def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
     for channel, method, target in job.maps:
         own.setdefault(method, {})[target] = pictures[job.row, channel, :height, :width]
     if job.complete:
-        write_image(outdir, job.key, job.summary, own, job.raw_maps)
+        write_image(outdir, job.key, job.summary, own, job.raw_maps, job.files)
     else:
-        write_maps(outdir, job.key, job.summary, own, job.raw_maps)
+        write_maps(outdir, job.key, job.summary, own, job.raw_maps, job.files)
 
 
 class FolderSink:
@@ -190,11 +201,16 @@ class FolderSink:
                     raw = {method: {} for method in methods}
                     for _, method, i in own:
                         raw[method][i] = raw_maps[method][row, columns[row][i]]
+                files = {
+                    (method, i): part.files[row, part.channels.start + channel]
+                    for channel, method, i in own
+                    if (row, part.channels.start + channel) in part.files
+                }
                 whole = part.channels == everything
-                jobs.append(
-                    ImageJob(keys[row], summaries[row], row - part.rows.start, own, raw, complete=whole)
-                )
-            written = self.writers.submit(write_job, self.out, part.pictures, jobs)
+                job = ImageJob(keys[row], summaries[row], row - part.rows.start, own, raw, whole, files or None)
+                jobs.append(job)
+            extra = sum(payload.nbytes for payloads in part.files.values() for payload in payloads.values())
+            written = self.writers.submit(write_job, self.out, part.pictures, jobs, extra)
             for row, job, future in zip(part.rows, jobs, written, strict=True):
                 if job.complete:
                     futures[row] = future

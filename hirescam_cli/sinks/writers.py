@@ -56,10 +56,13 @@ class Writers:
         self._room = threading.Condition()
         self._finishing: list[Future] = []
 
-    def submit(self, write: Write, outdir: OutputDir, pictures: np.ndarray, jobs: Sequence) -> list[Future]:
+    def submit(
+        self, write: Write, outdir: OutputDir, pictures: np.ndarray, jobs: Sequence, extra: int = 0
+    ) -> list[Future]:
         """Queue `write(outdir, job, pictures)` for each job of one part of a batch's pictures, uint8
-        (n, k, H, W, 3); first waits while earlier parts not yet written hold more than the budget."""
-        size = pictures.nbytes
+        (n, k, H, W, 3), whose jobs hold `extra` bytes more (other files' payloads); first waits while
+        earlier parts not yet written hold more than the budget."""
+        size = pictures.nbytes + extra
         with self._room:
             self._room.wait_for(lambda: not self._queued or self._queued + size <= self.budget)
             self._queued += size
