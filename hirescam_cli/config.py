@@ -67,6 +67,7 @@ class RenderConfig:
     signed_colormap: str = "RdBu_r"
     alpha: float = 0.5
     signed: bool = False
+    window: tuple[float, float] | None = None  # volumes: the scan's window under the maps (CT: HU)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,14 @@ def _kwargs(key: str, value: Any, _base: Path) -> dict[str, Any]:
     return dict(value)
 
 
+def _window(key: str, value: Any, _base: Path) -> tuple[float, float]:
+    ok = isinstance(value, list | tuple) and len(value) == 2
+    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok or value[0] >= value[1]:
+        raise _fail(key, value, "[low, high] with low < high, in the scan's units (CT: Hounsfield units)")
+    return float(value[0]), float(value[1])
+
+
 def _png(key: str, value: Any, _base: Path) -> str:
     if value not in ("fast", "small"):
         raise _fail(key, value, '"fast" (fpng) or "small" (zlib)')
@@ -293,7 +302,13 @@ VALIDATORS = {
         "device": _device,
         "amp": _flag,
     },
-    "render": {"colormap": _colormap, "signed_colormap": _colormap, "alpha": _fraction, "signed": _flag},
+    "render": {
+        "colormap": _colormap,
+        "signed_colormap": _colormap,
+        "alpha": _fraction,
+        "signed": _flag,
+        "window": _window,
+    },
     "output": {"save_raw": _flag, "png": _png, "max_side": _positive, "sink": _text},
 }
 

@@ -110,7 +110,7 @@ class ExplainRun:
         if self.config.output.png == "fast" and png_encoder("fast") != "fpng":
             self.say("fpng cannot be imported here: PNGs are encoded with zlib (slower, smaller)")
         progress = Progress(len(self.items), self.quiet)
-        renderer = session.modality.renderer(self.config, session.device)
+        renderer = session.modality.renderer(self.config, session.device, session.loaded.labels)
         try:
             with StopFlag() as stop:
                 try:

@@ -74,6 +74,23 @@ def class_ids(classes: tuple[int | str, ...] | None, labels: list[str] | None) -
     return list(dict.fromkeys(ids))
 
 
+def check_rank(model: torch.nn.Module, modality: Any, kind: str) -> None:
+    """A ConfigError when the model's first convolution takes inputs of another rank than the modality's
+    (a volume network given pictures, or the reverse)."""
+    first = next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None
+    )
+    if first is None:
+        return
+    name, conv = first
+    rank, given = len(conv.kernel_size), len(modality.input_shape()) - 1
+    if rank != given:
+        raise ConfigError(
+            f"the model is a {rank}-D network (its first convolution {name!r} is {type(conv).__name__}) but "
+            f"input.kind = {kind!r} gives it {given}-D inputs: set [input] kind to the kind of its inputs"
+        )
+
+
 @dataclass
 class Session:
     """A configured model ready to explain inputs of its modality on its device."""
@@ -112,6 +129,7 @@ class Session:
         classes = class_ids(explain.classes, loaded.labels)
         if explain.threshold is not None and not config.model.multilabel:
             raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
+        check_rank(loaded.module, modality, config.input.kind)
         session = cls(config, job, device, resources, loaded, modality, classes)
         loaded.module.to(device)
         if explainer:
@@ -187,9 +205,12 @@ class Session:
             )
             self.explainer = explainer
             self.explain(self.probe())
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             if explainer is not None:
                 explainer.close()
             self.explainer = None
+            if isinstance(e, RuntimeError):
+                shape = "x".join(map(str, self.modality.input_shape()))
+                raise ConfigError(f"the model cannot take inputs of {shape}: {str(e).splitlines()[0]}") from None
             raise ConfigError(str(e)) from None
         return explainer

@@ -107,3 +107,16 @@ def tiny_swin() -> nn.Module:
 def gap_net() -> nn.Module:
     """tiny_net's features, then global average pooling + linear: HiResCAM == Grad-CAM at "3"."""
     return nn.Sequential(*_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+@seeded()
+def tiny_net3d() -> nn.Module:
+    """Conv3d features to a 4-channel 4x4x4 map (for 8x8x8 volumes), then flatten + linear: an affine head."""
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4 * 4, 3),
+    )

@@ -17,7 +17,7 @@ A modality is a class with
                                     target, "method.field" in each map (pictures: none)
     map_files(save_raw) -> dict     the files each map has besides its picture and raw array:
                                     summary field -> name suffix (pictures: none)
-    renderer(config, device)        what turns a batch's maps into pictures on the input, in parts
+    renderer(config, device, labels)  what turns a batch's maps into pictures on the input, in parts
                                     (`render.Part`, with the payloads of the map_files)
 and a torch-free module of its files with `accepts(name) -> bool` for folder walks and, for a kind whose
 inputs can be several files, `group(folder, paths)` (see discovery.catalogue). A kind may declare its own

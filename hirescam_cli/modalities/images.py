@@ -117,8 +117,8 @@ class Images:
         y = boxes[..., 1] + (row + 0.5) / height * (boxes[..., 3] - boxes[..., 1])
         return torch.stack([x, y], -1).floor()
 
-    def renderer(self, config: Config, device: torch.device):
-        """What draws a batch's overlays, in parts (image_overlays.Renderer)."""
+    def renderer(self, config: Config, device: torch.device, labels: list[str] | None = None):
+        """What draws a batch's overlays, in parts (image_overlays.Renderer; pictures carry no labels)."""
         from .image_overlays import Renderer
 
         return Renderer(config, device)
