@@ -82,7 +82,7 @@ class OutputConfig:
 class Config:
     input: InputConfig
     model: ModelConfig
-    preprocess: Any  # PreprocessConfig for pictures; the kind's own table otherwise (modalities.preprocess_table)
+    preprocess: Any  # PreprocessConfig for pictures, else the kind's own (modalities.preprocess_table)
     explain: ExplainConfig
     render: RenderConfig
     output: OutputConfig
@@ -256,7 +256,9 @@ def _kwargs(key: str, value: Any, _base: Path) -> dict[str, Any]:
 
 def _window(key: str, value: Any, _base: Path) -> tuple[float, float]:
     ok = isinstance(value, list | tuple) and len(value) == 2
-    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ok = ok and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
     if not ok or value[0] >= value[1]:
         raise _fail(key, value, "[low, high] with low < high, in the scan's units (CT: Hounsfield units)")
     return float(value[0]), float(value[1])

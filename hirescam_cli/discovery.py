@@ -86,7 +86,8 @@ class Catalogue(Sequence[InputItem]):
     def __getitem__(self, index: int) -> InputItem:  # type: ignore[override]
         if not -self.count <= index < self.count:
             raise IndexError(index)
-        row = self._db().execute("SELECT path, key, members FROM items WHERE id = ?", (index % self.count + 1,))
+        query = "SELECT path, key, members FROM items WHERE id = ?"
+        row = self._db().execute(query, (index % self.count + 1,))
         return _item(*row.fetchone())
 
     def __iter__(self) -> Iterator[InputItem]:

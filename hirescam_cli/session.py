@@ -211,6 +211,7 @@ class Session:
             self.explainer = None
             if isinstance(e, RuntimeError):
                 shape = "x".join(map(str, self.modality.input_shape()))
-                raise ConfigError(f"the model cannot take inputs of {shape}: {str(e).splitlines()[0]}") from None
+                reason = str(e).splitlines()[0]
+                raise ConfigError(f"the model cannot take inputs of {shape}: {reason}") from None
             raise ConfigError(str(e)) from None
         return explainer

@@ -165,12 +165,14 @@ def _check_shape(shape: tuple[int, ...], max_voxels: int) -> None:
     """Refuse 4-D volumes and volumes over max_voxels, from the header alone."""
     if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
         raise VolumeError(
-            f"a {len(shape)}-D NIfTI of shape {list(shape)} ({int(np.prod(shape[3:]))} volumes: time points or "
-            "channels); give one 3-D volume per file"
+            f"a {len(shape)}-D NIfTI of shape {list(shape)} ({int(np.prod(shape[3:]))} volumes: time points "
+            "or channels); give one 3-D volume per file"
         )
     voxels = int(np.prod(shape[:3], dtype=np.int64))
     if voxels > max_voxels:
-        raise VolumeError(f"{list(shape[:3])} = {voxels} voxels exceeds the limit of {max_voxels} (preprocess.max_voxels)")
+        raise VolumeError(
+            f"{list(shape[:3])} = {voxels} voxels exceeds the limit of {max_voxels} (preprocess.max_voxels)"
+        )
 
 
 def read_nifti(data: bytes, max_voxels: int) -> Volume:
@@ -212,7 +214,10 @@ def read_nifti(data: bytes, max_voxels: int) -> Volume:
 def _check_affine(affine: np.ndarray) -> None:
     """Refuse a voxel-to-world map that cannot be inverted (or holds NaN / infinities)."""
     linear = affine[:3, :3]
-    if not np.isfinite(affine).all() or abs(np.linalg.det(linear)) <= 1e-12 * max(1.0, np.abs(linear).max()) ** 3:
+    if (
+        not np.isfinite(affine).all()
+        or abs(np.linalg.det(linear)) <= 1e-12 * max(1.0, np.abs(linear).max()) ** 3
+    ):
         rows = np.array2string(linear, precision=4, separator=", ").replace("\n", "")
         raise VolumeError(f"non-invertible affine (voxel to world) {rows}: the volume has no usable geometry")
 
@@ -251,9 +256,13 @@ def read_series(files: list[tuple[str, bytes]], max_voxels: int, uneven: str = "
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
         except Exception as error:  # pydicom raises many types on bad files
-            raise VolumeError(f"{where}: not a readable DICOM file (truncated?): {_one_line(error)}") from None
+            raise VolumeError(
+                f"{where}: not a readable DICOM file (truncated?): {_one_line(error)}"
+            ) from None
         if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError(f"{where}: a multi-frame DICOM file; only series of single-frame slices are read")
+            raise VolumeError(
+                f"{where}: a multi-frame DICOM file; only series of single-frame slices are read"
+            )
         slices.append((where, dataset))
     first_where, first = slices[0]
     orientation = np.array([float(v) for v in _tag(first, "ImageOrientationPatient", first_where)])
@@ -264,14 +273,21 @@ def read_series(files: list[tuple[str, bytes]], max_voxels: int, uneven: str = "
     for where, dataset in slices:
         other = np.array([float(v) for v in _tag(dataset, "ImageOrientationPatient", where)])
         if other.shape != (6,) or np.abs(other - orientation).max() > ORIENTATION_TOLERANCE:
-            raise VolumeError(f"{where}: its orientation differs from {first_where}'s: not one stack of slices")
+            raise VolumeError(
+                f"{where}: its orientation differs from {first_where}'s: not one stack of slices"
+            )
         if (int(_tag(dataset, "Rows", where)), int(_tag(dataset, "Columns", where))) != (rows, cols):
-            raise VolumeError(f"{where}: {dataset.Rows} x {dataset.Columns} pixels, {first_where} {rows} x {cols}")
+            raise VolumeError(
+                f"{where}: {dataset.Rows} x {dataset.Columns} pixels, {first_where} {rows} x {cols}"
+            )
         if [float(v) for v in _tag(dataset, "PixelSpacing", where)] != spacing:
             raise VolumeError(f"{where}: its PixelSpacing differs from {first_where}'s")
     voxels = rows * cols * len(slices)
     if voxels > max_voxels:
-        raise VolumeError(f"{cols} x {rows} x {len(slices)} = {voxels} voxels exceeds the limit of {max_voxels} (preprocess.max_voxels)")
+        raise VolumeError(
+            f"{cols} x {rows} x {len(slices)} = {voxels} voxels exceeds the limit of {max_voxels} "
+            "(preprocess.max_voxels)"
+        )
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
     positions = np.array([[float(v) for v in _tag(d, "ImagePositionPatient", w)] for w, d in slices])
@@ -282,7 +298,9 @@ def read_series(files: list[tuple[str, bytes]], max_voxels: int, uneven: str = "
     planes = np.stack([_pixels(d, w) for w, d in slices])  # (K, rows, cols)
     if grid is not None:  # resampled onto even positions along the normal
         planes = _interpolate_slices(planes, along, grid)
-    voxels = np.ascontiguousarray(planes.transpose(2, 1, 0))  # (cols, rows, K): i along a row, j down a column
+    voxels = np.ascontiguousarray(
+        planes.transpose(2, 1, 0)
+    )  # (cols, rows, K): i along a row, j down a column
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]  # PixelSpacing is [between rows, between columns]
     lps[:3, 1] = col_dir * spacing[0]
@@ -307,7 +325,8 @@ def _pixels(dataset, where: str) -> np.ndarray:
     """One slice's stored values through RescaleSlope / RescaleIntercept (CT: Hounsfield units), float32."""
     from pydicom.pixels import get_decoder
 
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if "file_meta" in dataset else None
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is not None and syntax.is_compressed:
         try:
             available = get_decoder(syntax).is_available
@@ -338,14 +357,16 @@ def _slice_spacing(along: np.ndarray, names: list[str], uneven: str) -> tuple[fl
     same = np.flatnonzero(steps < SAME_POSITION_MM)
     if len(same):
         i = same[0]
-        raise VolumeError(f"{names[i]} and {names[i + 1]} lie at the same position ({along[i]:.3f} mm along the normal)")
+        raise VolumeError(
+            f"{names[i]} and {names[i + 1]} lie at the same position ({along[i]:.3f} mm along the normal)"
+        )
     step = float(np.median(steps))
     tolerance = max(0.01, EVEN_TOLERANCE * step)
     off = np.flatnonzero(np.abs(steps - step) > tolerance)
     if not len(off):
         return float(steps.mean()), None
     if uneven == "resample":
-        count = int(round((along[-1] - along[0]) / step)) + 1
+        count = round((along[-1] - along[0]) / step) + 1
         grid = along[0] + np.arange(count) * ((along[-1] - along[0]) / (count - 1))
         return float(grid[1] - grid[0]), grid
     i = off[0]
@@ -356,7 +377,7 @@ def _slice_spacing(along: np.ndarray, names: list[str], uneven: str) -> tuple[fl
     else:
         what = f"uneven slice spacing: {steps[i]:.2f} mm {between}"
     raise VolumeError(
-        f"{what}, where the spacing is {step:.2f} mm; set preprocess.uneven_slices = \"resample\" to resample"
+        f'{what}, where the spacing is {step:.2f} mm; set preprocess.uneven_slices = "resample" to resample'
     )
 
 
@@ -366,4 +387,3 @@ def _interpolate_slices(planes: np.ndarray, along: np.ndarray, grid: np.ndarray)
     lower = upper - 1
     weight = ((grid - along[lower]) / (along[upper] - along[lower])).astype(np.float32)[:, None, None]
     return planes[lower] * (1 - weight) + planes[upper] * weight
-

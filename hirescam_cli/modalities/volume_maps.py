@@ -213,7 +213,7 @@ class Renderer:
         return f"{method}  {label} (class {cls})  p = {probability:.3f}"
 
     def _picture(self, scan, map_voxels, inside, peak, affine, layout: Layout, signed: bool):
-        """The uint8 (H, W, 3) picture of one map, planes through its peak and its most explained axial slices,
+        """The uint8 (H, W, 3) picture of one map (planes through its peak, its most explained axial slices)
         and the labels to write under them."""
         transform = display_transform(affine)
         table = self.signed_table if signed else self.table
@@ -225,7 +225,9 @@ class Renderer:
             index = int(peak[axis])
             point[int(target)] = index if flip > 0 else scan.shape[int(target)] - 1 - index
         x, y, z = point
-        canvas = torch.full((layout.height, layout.width, 3), BACKGROUND, dtype=torch.uint8, device=self.device)
+        canvas = torch.full(
+            (layout.height, layout.width, 3), BACKGROUND, dtype=torch.uint8, device=self.device
+        )
         planes = [(scan[:, :, z], values[:, :, z], inside[:, :, z])]  # axial: (x, y)
         planes.append((scan[:, y, :], values[:, y, :], inside[:, y, :]))  # coronal: (x, z)
         planes.append((scan[x, :, :], values[x, :, :], inside[x, :, :]))  # sagittal: (y, z)
@@ -238,7 +240,9 @@ class Renderer:
         order = torch.sort(mass, descending=True, stable=True).indices[: layout.tiles].tolist()
         total = float(mass.sum())
         for tile, k in enumerate(order):
-            drawn = _draw(scan[:, :, k], values[:, :, k], inside[:, :, k], layout.tile, table, self.alpha, signed)
+            drawn = _draw(
+                scan[:, :, k], values[:, :, k], inside[:, :, k], layout.tile, table, self.alpha, signed
+            )
             top, left = layout.tiles_top, layout.tile_left(tile)
             canvas[top : top + drawn.shape[0], left : left + drawn.shape[1]] = drawn
             share = float(mass[k]) / total if total > 0 else 0.0

@@ -28,19 +28,27 @@ def _orientation(key: str, value: Any, _base: Path) -> str:
     text = value.upper() if isinstance(value, str) else value
     ok = isinstance(text, str) and (text == "NONE" or _axis_codes(text))
     if not ok:
-        raise _fail(key, value, 'three axis codes, one of each of L/R, P/A, I/S (e.g. "RAS", "LPS"), or "none"')
+        raise _fail(
+            key, value, 'three axis codes, one of each of L/R, P/A, I/S (e.g. "RAS", "LPS"), or "none"'
+        )
     return "none" if text == "NONE" else text
 
 
 def _axis_codes(text: str) -> bool:
-    return len(text) == 3 and sorted(next((i for i, p in enumerate(AXES) if c in p), 9) for c in text) == [0, 1, 2]
+    return len(text) == 3 and sorted(next((i for i, p in enumerate(AXES) if c in p), 9) for c in text) == [
+        0,
+        1,
+        2,
+    ]
 
 
 def _spacing(key: str, value: Any, _base: Path) -> tuple[float, float, float]:
     values = [value] * 3 if _number(value) else value
     ok = isinstance(values, list | tuple) and len(values) == 3 and all(_number(v) and v > 0 for v in values)
     if not ok:
-        raise _fail(key, value, "a positive number of millimetres, or three of them [x, y, z] for the voxel axes")
+        raise _fail(
+            key, value, "a positive number of millimetres, or three of them [x, y, z] for the voxel axes"
+        )
     return tuple(float(v) for v in values)
 
 

@@ -8,6 +8,7 @@ taking the value of the cell it lies in, and are written with the input's affine
 files and pictures of three planes and the most explained slices).
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -21,7 +22,10 @@ from ..config import Config, ConfigError
 from .volume_files import read_volume
 from .volume_settings import VolumePreprocess
 
-DISPLAY_PERCENTILES = (1.0, 99.0)  # the picture's window when neither render.window nor preprocess.window is set
+DISPLAY_PERCENTILES = (
+    1.0,
+    99.0,
+)  # the picture's window when neither render.window nor preprocess.window is set
 
 
 @dataclass(frozen=True)
@@ -92,14 +96,18 @@ class Volumes:
         del data
         tensor, to_input = prepare(torch.from_numpy(volume.data), volume.affine, settings)
         scan = display_scan(volume.data, self.display or settings.window) if self.pictures else None
-        view = VolumeView(tuple(volume.data.shape), volume.affine, to_input, volume.header, volume.facts, scan)
+        view = VolumeView(
+            tuple(volume.data.shape), volume.affine, to_input, volume.header, volume.facts, scan
+        )
         return tensor, view
 
     def collate(self, views: Sequence[VolumeView]) -> VolumeViews:
         return VolumeViews(
             shapes=[v.shape for v in views],
             affines=torch.tensor(np.array([v.affine for v in views]), dtype=torch.float64).reshape(-1, 4, 4),
-            to_input=torch.tensor(np.array([v.to_input for v in views]), dtype=torch.float64).reshape(-1, 4, 4),
+            to_input=torch.tensor(np.array([v.to_input for v in views]), dtype=torch.float64).reshape(
+                -1, 4, 4
+            ),
             input_size=self.preprocess.input_size,
             headers=[v.header for v in views],
             facts=[v.facts for v in views],
@@ -139,7 +147,7 @@ class Volumes:
         return views.to_input @ cells
 
     def locate(self, maps: Tensor, views: VolumeViews) -> Tensor:
-        """Peak of each map (B, T, *grid) as the input voxel [i, j, k] its cell's centre lies in -> (B, T, 3)."""
+        """Peak of each map (B, T, *grid) as the input voxel [i, j, k] of its cell's centre -> (B, T, 3)."""
         voxels = self._peak_voxels(maps, views)
         shapes = torch.tensor(views.shapes, device=maps.device, dtype=torch.float64).reshape(-1, 1, 3)
         return voxels.add(0.5).floor().clamp(torch.zeros_like(shapes), shapes - 1).float()  # halves round up
@@ -237,10 +245,13 @@ def prepare(volume: Tensor, affine: np.ndarray, settings: VolumePreprocess) -> t
             orientations.io_orientation(affine), orientations.axcodes2ornt(settings.orientation)
         )
         to_input = to_input @ orientations.inv_ornt_aff(transform, volume.shape)
-        volume = torch.from_numpy(np.ascontiguousarray(orientations.apply_orientation(volume.numpy(), transform)))
+        volume = torch.from_numpy(
+            np.ascontiguousarray(orientations.apply_orientation(volume.numpy(), transform))
+        )
     if settings.spacing is not None:
         sizes = voxel_sizes(affine @ to_input)
-        shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, sizes, settings.spacing, strict=True)]
+        extents = [n * s / t for n, s, t in zip(volume.shape, sizes, settings.spacing, strict=True)]
+        shape = [max(1, math.floor(e + 0.5 + 1e-6)) for e in extents]  # halves up, whatever the rounding of s
         to_input = to_input @ _scaling(volume.shape, shape)
         volume = _resize(volume, shape, settings.interpolation)
     low = None

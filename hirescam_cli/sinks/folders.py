@@ -207,8 +207,8 @@ class FolderSink:
                     if (row, part.channels.start + channel) in part.files
                 }
                 whole = part.channels == everything
-                job = ImageJob(keys[row], summaries[row], row - part.rows.start, own, raw, whole, files or None)
-                jobs.append(job)
+                at = row - part.rows.start
+                jobs.append(ImageJob(keys[row], summaries[row], at, own, raw, whole, files or None))
             extra = sum(payload.nbytes for payloads in part.files.values() for payload in payloads.values())
             written = self.writers.submit(write_job, self.out, part.pictures, jobs, extra)
             for row, job, future in zip(part.rows, jobs, written, strict=True):

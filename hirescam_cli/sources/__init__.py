@@ -15,7 +15,8 @@ import importlib
 
 from ..errors import UsageError
 
-SOURCES = {"timm": "timm_models", "monai": "monai_models"}  # model.arch prefix -> the module of this package that builds it
+# model.arch prefix -> the module of this package that builds it
+SOURCES = {"timm": "timm_models", "monai": "monai_models"}
 DEFAULT = "torchvision_models"  # model.arch without a prefix
 
 

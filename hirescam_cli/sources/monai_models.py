@@ -16,10 +16,13 @@ def load(config, _load_weights: bool) -> LoadedModel:
     name = config.arch.removeprefix("monai:")
     network = getattr(nets, name, None)
     if not (isinstance(network, type) and issubclass(network, nn.Module)):
-        raise ModelError(f"model.arch = {config.arch!r} is not a network of monai.networks.nets (e.g. DenseNet121)")
+        raise ModelError(
+            f"model.arch = {config.arch!r} is not a network of monai.networks.nets (e.g. DenseNet121)"
+        )
     if config.weights not in (None, NO_WEIGHTS):
         raise ModelError(
-            f'model.weights = {config.weights!r}: MONAI networks take "none" (random weights) or model.checkpoint'
+            f"model.weights = {config.weights!r}: MONAI networks take \"none\" (random weights) or "
+            "model.checkpoint"
         )
     if config.weights is None and not config.checkpoint:
         raise ModelError(
@@ -27,10 +30,14 @@ def load(config, _load_weights: bool) -> LoadedModel:
             'state_dict, or model.weights = "none" (--weights none) for random weights'
         )
     if config.num_classes is not None:
-        raise ModelError("model.num_classes: give a MONAI network its arguments in [model.kwargs] (out_channels)")
+        raise ModelError(
+            "model.num_classes: give a MONAI network its arguments in [model.kwargs] (out_channels)"
+        )
     kwargs = dict(config.kwargs or {})
     try:
         module = seeded(lambda: network(**kwargs))
     except (TypeError, ValueError) as e:
-        raise ModelError(f"cannot build {config.arch} from [model.kwargs] {kwargs}: {str(e).splitlines()[0]}") from None
+        raise ModelError(
+            f"cannot build {config.arch} from [model.kwargs] {kwargs}: {str(e).splitlines()[0]}"
+        ) from None
     return LoadedModel(module, config.arch, None, None)
