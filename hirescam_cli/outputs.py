@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import threading
 import zlib
 from collections.abc import Iterator
@@ -204,7 +205,7 @@ class OutputDir:
         inside = real.relative_to(self._real_root).parts
         if not inside or inside[0] in RESERVED:
             raise OutputError(f"refusing to write {folder}: it resolves to {real}, which OUT uses itself")
-        if real.exists() and not real.is_dir():
+        if _is_other_than_folder(real):
             raise OutputError(f"refusing to replace {folder}: it exists and is not a folder")
         return real
 
@@ -263,6 +264,15 @@ class OutputDir:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lock=threading.Lock(), _names=itertools.count())
+
+
+def _is_other_than_folder(path: Path) -> bool:
+    """Whether something that is not a folder is at `path`, asked once (another input's swap may be moving
+    a folder there or away meanwhile: missing is fine)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _carry_folders(old: Path, new: Path) -> None:
