@@ -210,7 +210,8 @@ class OutputDir:
         return real
 
     def _commit(self, staging: Path, target: Path) -> list[Path]:
-        """Put the folder `staging` at `target` in one atomic step; returns where the sets it replaced are.
+        """Put the folder `staging` at `target` in one atomic step; returns where the sets it replaced are,
+        the newest first (so the folders they carry are the newest: see `replacing`).
 
         Without an atomic exchange the old folder is moved aside first: a kill between that rename and the
         next leaves no folder at all (the input is then not done, and the next run redoes it), never a mix.
@@ -233,10 +234,10 @@ class OutputDir:
             try:
                 if self.atomic_exchange:
                     exchange(staging, target)
-                    return [*replaced, staging]
+                    return [staging, *replaced]
                 aside = self._temp_path()
                 os.rename(target, aside)
-                replaced.append(aside)
+                replaced.insert(0, aside)
             except FileNotFoundError:  # the folder went meanwhile: rename into its place
                 continue
         raise OutputError(f"cannot put {target} in place: its folder kept changing")
