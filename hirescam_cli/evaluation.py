@@ -1,5 +1,6 @@
 """The eval run: faithfulness to the model by layer occlusion on any folder; with masks, localisation too."""
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def run_eval(
                     x = x[rows]
                     result = explainer(x, methods=tuple(METHODS), classes=classes.clamp_min(0).to(device))
                     valid = (classes >= 0).to(device)
-            grid = tuple(result.maps["hirescam"].shape[-2:])
+            grid = tuple(result.maps["hirescam"].shape[2:])  # any rank
             if not valid.any():
                 continue
             sample = _sample(grid, positions, generator, device)
@@ -153,8 +154,8 @@ def run_eval(
         "identical_by_construction": bool(flags.all()) if len(flags) else None,
         "occlusion": {
             "grid": list(grid) if grid else None,
-            "positions": grid[0] * grid[1] if grid else None,
-            "sampled": positions if grid and positions and positions < grid[0] * grid[1] else None,
+            "positions": math.prod(grid) if grid else None,
+            "sampled": positions if grid and positions and positions < math.prod(grid) else None,
             "batched": explainer.occlusion_batched,
             "unused_fraction": UNUSED_FRACTION,
             "top_fraction": TOP_FRACTION,
@@ -194,10 +195,10 @@ def _mask_targets(masks: Path, batch, items: list[InputItem], labels: list[str],
 
 
 def _sample(
-    grid: tuple[int, int], count: int | None, generator: torch.Generator, device
+    grid: tuple[int, ...], count: int | None, generator: torch.Generator, device
 ) -> torch.Tensor | None:
     """`count` distinct grid positions drawn at random (sorted), or None for all of them."""
-    cells = grid[0] * grid[1]
+    cells = math.prod(grid)
     if count is None or count >= cells:
         return None
     return torch.randperm(cells, generator=generator)[:count].sort().values.to(device)

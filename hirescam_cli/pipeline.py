@@ -101,7 +101,7 @@ class ExplainRun:
         session = self.session
         processes = f", {self.job.world} processes" if self.job.world > 1 else ""
         where = f"layer {session.explainer.target_layer}, on {session.device}{processes}"
-        self.say(f"{len(self.items)} images, model {session.loaded.name}, {where}")
+        self.say(f"{len(self.items)} {session.modality.noun}s, model {session.loaded.name}, {where}")
         if session.loaded.random_weights:
             self.say(
                 f'note: {session.loaded.name}: model.weights = "none", so it explains a network with random '
