@@ -405,3 +405,15 @@ def test_two_processes_give_the_one_process_volumes(tmp_path, capsys):
     assert code == 0, err
     assert tree(tmp_path / "two") == tree(tmp_path / "one")  # summaries, NIfTI maps, PNGs, results.jsonl
     assert err.count("5 explained, 0 skipped, 0 failed") == 1
+
+
+def test_eval_scores_fidelity_on_volumes(tmp_path, capsys):
+    volumes = volume_folder(tmp_path / "in", 3)
+    out = tmp_path / "eval"
+    code, stdout, err = run(["eval", volumes, "-c", volume_config(tmp_path, "cell_net3d"), "-o", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / "eval.json").read_text())
+    assert report["occlusion"]["grid"] == [4, 3, 2] and report["occlusion"]["positions"] == 24
+    assert report["methods"]["hirescam"]["unused_mass"]["mean"] == 0.0  # it reads one cell: no mass elsewhere
+    assert report["methods"]["gradcam"]["unused_mass"]["mean"] > 0.5
+    assert "rank correlation with occlusion" in stdout
