@@ -116,7 +116,9 @@ def end_to_end(side: int, counts: list[int]) -> None:
             folder.mkdir()
             for i in range(count):
                 data = rng.normal(0, 300, (side, side, side)).astype(np.int16)
-                nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 2.0, 1.0])), str(folder / f"v{i:03d}.nii.gz"))
+                nib.save(
+                    nib.Nifti1Image(data, np.diag([1.5, 1.5, 2.0, 1.0])), str(folder / f"v{i:03d}.nii.gz")
+                )
             command = [sys.executable, "-m", "hirescam_cli", "explain", folder, "-o", root / f"out{count}"]
             start = time.perf_counter()
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

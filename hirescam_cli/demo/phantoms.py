@@ -5,9 +5,9 @@ any voxel grid: a body (soft tissue with a fat rim), two lungs, a liver, two kid
 realistic Hounsfield units, noise, and lesions of four kinds, each placed in its organ:
 
     lung_nodule   a solid nodule (+40 HU) in a lung (-850 HU)
-    liver_lesion  a hypodense lesion (0 HU) in the liver (+70 HU)
+    liver_lesion  a hypodense lesion (-30 HU) in the liver (+70 HU)
     kidney_cyst   a cyst (+5 HU) in an enhancing kidney (+160 HU)
-    bone_lesion   a lytic lesion (+120 HU) in a vertebra (+700 HU)
+    bone_lesion   a lytic lesion (+100 HU) in a vertebra (+700 HU)
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ CLASSES: tuple[str, ...] = ("lung_nodule", "liver_lesion", "kidney_cyst", "bone_
 PRESENCE = 0.4  # each lesion kind is present with this probability
 FIELD_MM = 160.0  # the phantom fits in a cube of this side, centred on the origin
 AIR, FAT, SOFT, LUNG, LIVER, KIDNEY, BONE = -1000.0, -100.0, 40.0, -850.0, 70.0, 160.0, 700.0
-LESION_HU = {"lung_nodule": 40.0, "liver_lesion": 0.0, "kidney_cyst": 5.0, "bone_lesion": 120.0}
-NOISE_HU = 15.0
+LESION_HU = {"lung_nodule": 40.0, "liver_lesion": -30.0, "kidney_cyst": 5.0, "bone_lesion": 100.0}
+NOISE_HU = 12.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ class Phantom:
 
 
 def _jitter(rng: np.random.Generator, values, spread: float) -> tuple[float, ...]:
-    return tuple(float(v) for v in np.asarray(values, float) * (1 + rng.uniform(-spread, spread, len(values))))
+    return tuple(
+        float(v) for v in np.asarray(values, float) * (1 + rng.uniform(-spread, spread, len(values)))
+    )
 
 
 def _point_in(rng: np.random.Generator, organ: Ellipsoid, margin: float) -> tuple[float, float, float]:
@@ -62,7 +64,9 @@ def _point_in(rng: np.random.Generator, organ: Ellipsoid, margin: float) -> tupl
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
     radius = (1 - margin) * rng.uniform(0, 1) ** (1 / 3)
-    return tuple(float(c + a * d * radius) for c, a, d in zip(organ.centre, organ.axes, direction, strict=True))
+    return tuple(
+        float(c + a * d * radius) for c, a, d in zip(organ.centre, organ.axes, direction, strict=True)
+    )
 
 
 def draw(seed: int, index: int) -> Phantom:
@@ -74,24 +78,25 @@ def draw(seed: int, index: int) -> Phantom:
     )
     liver = Ellipsoid(_jitter(rng, (24, 6, -26), 0.1), _jitter(rng, (28, 32, 22), 0.1))
     kidneys = tuple(
-        Ellipsoid(_jitter(rng, (side * 34, -24, -38), 0.08), _jitter(rng, (11, 13, 20), 0.1)) for side in (1, -1)
+        Ellipsoid(_jitter(rng, (side * 34, -24, -38), 0.08), _jitter(rng, (11, 13, 20), 0.1))
+        for side in (1, -1)
     )
     spine = (float(rng.uniform(-3, 3)), float(rng.uniform(-42, -36)), float(rng.uniform(10, 13)))
     lesions = {}
     for name in CLASSES:
         if rng.uniform() >= PRESENCE:
             continue
-        radius = float(rng.uniform(7, 12))
+        radius = float(rng.uniform(8, 13))
         if name == "lung_nodule":
             centre = _point_in(rng, lungs[int(rng.integers(2))], 0.45)
         elif name == "liver_lesion":
             centre = _point_in(rng, liver, 0.45)
         elif name == "kidney_cyst":
-            radius = float(rng.uniform(6, 9))
+            radius = float(rng.uniform(7, 10))
             centre = _point_in(rng, kidneys[int(rng.integers(2))], 0.5)
         else:
-            radius = float(rng.uniform(6, 8))
-            x, y, r = spine
+            radius = float(rng.uniform(7, 9))
+            x, y, _ = spine
             centre = (x, y, float(rng.uniform(-50, 50)))
         lesions[name] = Ellipsoid(centre, (radius, radius, radius))
     return Phantom(body, lungs, liver, kidneys, spine, lesions, int(rng.integers(2**31)))

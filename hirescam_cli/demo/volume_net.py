@@ -42,7 +42,10 @@ class VolumeNet(nn.Module):
     def __init__(self, num_classes: int = len(CLASSES)) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _block(1, 6, pool=True), _block(6, 12, pool=True), _block(12, 24, pool=False), _block(24, 24, pool=False)
+            _block(1, 6, pool=True),
+            _block(6, 12, pool=True),
+            _block(12, 24, pool=False),
+            _block(24, 24, pool=False),
         )
         side = SIDE // 4
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(24 * side**3, num_classes))

@@ -199,10 +199,10 @@ class Renderer:
                     title = self._title(method, classes[row][t], probabilities[row][t])
                     signed = self.signed and method == "hirescam"
                     affine = views.affines[row].numpy()
-                    picture, texts = self._picture(
+                    picture, texts, marks = self._picture(
                         scan, map_voxels, inside, peaks[method][row, t], affine, layouts[n], signed
                     )
-                    canvas = write_text(picture, layouts[n], title, texts, signed)
+                    canvas = write_text(picture, layouts[n], title, texts, signed, marks)
                     pictures[n, c, : canvas.shape[0], : canvas.shape[1]] = canvas
                 if channels.stop == everything:
                     views.scans[row] = None
@@ -232,26 +232,40 @@ class Renderer:
         planes.append((scan[:, y, :], values[:, y, :], inside[:, y, :]))  # coronal: (x, z)
         planes.append((scan[x, :, :], values[x, :, :], inside[x, :, :]))  # sagittal: (y, z)
         texts = [f"axial z={z}", f"coronal y={y}", f"sagittal x={x}"]
+        size = scan.shape  # the peak in each plane, as fractions of its rows and columns (radiological)
+        marks = [
+            ((size[1] - y - 0.5) / size[1], (size[0] - x - 0.5) / size[0]),
+            ((size[2] - z - 0.5) / size[2], (size[0] - x - 0.5) / size[0]),
+            ((size[2] - z - 0.5) / size[2], (size[1] - y - 0.5) / size[1]),
+        ]
         for plane, (under, over, mask) in enumerate(planes):
             drawn = _draw(under, over, mask, layout.planes[plane], table, self.alpha, signed)
             top, left = layout.planes_top, layout.plane_left(plane)
             canvas[top : top + drawn.shape[0], left : left + drawn.shape[1]] = drawn
-        mass = values.clamp_min(0).sum((0, 1))  # (Z,)
-        order = torch.sort(mass, descending=True, stable=True).indices[: layout.tiles].tolist()
-        total = float(mass.sum())
-        for tile, k in enumerate(order):
+        for tile, (k, share) in enumerate(top_slabs(values, layout.tiles)):
             drawn = _draw(
                 scan[:, :, k], values[:, :, k], inside[:, :, k], layout.tile, table, self.alpha, signed
             )
             top, left = layout.tiles_top, layout.tile_left(tile)
             canvas[top : top + drawn.shape[0], left : left + drawn.shape[1]] = drawn
-            share = float(mass[k]) / total if total > 0 else 0.0
             texts.append(f"z={k} {share:.0%}")
         bar = torch.linspace(-1 if signed else 0, 1, layout.width - 2 * (GAP + 24), device=self.device)
         index = ((bar + 1) / 2 if signed else bar).mul(255).round().long()
         left, top = GAP + 24, layout.bar_top
         canvas[top : top + BAR, left : left + len(bar)] = table[index][None]
-        return _host(canvas), texts
+        return _host(canvas), texts, marks
+
+
+def top_slabs(values: Tensor, count: int) -> list[tuple[int, float]]:
+    """The `count` axial slabs of a map on the voxel grid (X, Y, Z) with the most positive mass: runs of
+    slices lying in the same map cells (equal mass), each as its middle slice and its share of the mass."""
+    mass = values.clamp_min(0).sum((0, 1))
+    runs, counts = torch.unique_consecutive(mass, return_counts=True)
+    ends = counts.cumsum(0)
+    middles = ends - counts + (counts - 1) // 2
+    shares = runs * counts / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
+    order = torch.sort(shares, descending=True, stable=True).indices[:count]
+    return [(int(middles[i]), float(shares[i])) for i in order]
 
 
 def _draw(under: Tensor, over: Tensor, mask: Tensor, size, table, alpha: float, signed: bool) -> Tensor:
@@ -267,8 +281,11 @@ def _draw(under: Tensor, over: Tensor, mask: Tensor, size, table, alpha: float, 
     return render.overlay(values, grey, inside, table, alpha, signed)[0, 0]
 
 
-def write_text(picture: np.ndarray, layout: Layout, title: str, texts: list[str], signed: bool) -> np.ndarray:
-    """The picture with its title, the planes' and tiles' labels and the colour bar's ends written on it."""
+def write_text(
+    picture: np.ndarray, layout: Layout, title: str, texts: list[str], signed: bool, marks=()
+) -> np.ndarray:
+    """The picture with its title, the planes' and tiles' labels, ticks at the peak on each plane's edges
+    (`marks`: its row and column as fractions of the plane) and the colour bar's ends written on it."""
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(picture)
@@ -283,6 +300,14 @@ def write_text(picture: np.ndarray, layout: Layout, title: str, texts: list[str]
     draw.text((layout.plane_left(2) + 2, layout.planes_top + 1), "A", fill=colour)
     for tile, text in enumerate(texts[3:]):
         draw.text((layout.tile_left(tile), layout.tiles_top + layout.tile[0] + 2), text, fill=colour)
+    for plane, (row, col) in enumerate(marks):
+        top, left = layout.planes_top, layout.plane_left(plane)
+        height, width = layout.planes[plane]
+        y, x = top + row * height, left + col * width
+        draw.line([(left - 4, y), (left - 1, y)], fill=colour)
+        draw.line([(left + width, y), (left + width + 3, y)], fill=colour)
+        draw.line([(x, top - 4), (x, top - 1)], fill=colour)
+        draw.line([(x, top + height), (x, top + height + 3)], fill=colour)
     bar = layout.bar_top
     draw.text((GAP, bar - 2), "-1" if signed else "0", fill=colour)
     draw.text((layout.width - GAP - 18, bar - 2), "1", fill=colour)
