@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from determinism import assert_close_scaled, noise, seeded
+from report_runs import report_data
 from test_cli import run
 from tiny_models import CELL, tiny_net3d
 from volume_sets import oblique_affine, write_nifti, write_series
@@ -417,3 +418,23 @@ def test_eval_scores_fidelity_on_volumes(tmp_path, capsys):
     assert report["methods"]["hirescam"]["unused_mass"]["mean"] == 0.0  # it reads one cell: no mass elsewhere
     assert report["methods"]["gradcam"]["unused_mass"]["mean"] > 0.5
     assert "rank correlation with occlusion" in stdout
+
+
+def test_the_report_shows_volume_cards_and_links_their_nifti_maps(tmp_path, capsys):
+    scan = write_nifti(tmp_path / "in" / "scan.nii.gz", hounsfield(), oblique_affine(zooms=(1.0, 1.5, 3.0)))
+    out = tmp_path / "out"
+    assert run(["explain", scan, "-o", out, "-c", volume_config(tmp_path), "--report", "-q"], capsys)[0] == 0
+    found = summary(out, "scan.nii.gz")
+    card = report_data(out)["images"][0]
+    times = " \N{MULTIPLICATION SIGN} "
+    assert card["d"] == f"16{times}12{times}8 voxels of 1{times}1.5{times}3 mm, {found['orientation']}"
+    assert card["o"] is None and card["v"] is None  # no picture of its own: its maps show it
+    (target,) = card["t"]
+    assert target["l"] == found["targets"][0]["label"] and target["p"] == found["targets"][0]["probability"]
+    assert target["r"] == found["targets"][0]["agreement"]["pearson"]
+    for cell, method in zip(target["m"], ("hirescam", "gradcam"), strict=True):
+        maps = found["targets"][0]["maps"][method]
+        assert cell[1] == "../" + maps["png"] and cell[2] == "../" + maps["nifti"]
+        assert (out / "report" / "thumbs" / cell[0]).is_file()
+    html = (out / "report" / "index.html").read_text()
+    assert f'href="../{found["targets"][0]["maps"]["hirescam"]["nifti"]}"' in html and card["d"] in html

@@ -68,10 +68,11 @@ def image_record(root: Path, entry: Entry, methods: list[str], thumbs: Thumbnail
     """One image as the page shows it (short keys: data.js holds one per input).
 
     i: input order, n: name, s: status, e: error, w/h: size, o/v: original thumbnail/view,
-    z: why no class is explained (when t is empty), t: targets, each c: class, l: label,
-    p: probability, g: completeness gap, r: Pearson r and u: top-20% IoU of HiResCAM vs Grad-CAM,
-    f: HiResCAM's prefix-token sum, x: identical by construction, m: per method [thumbnail,
-    full-size link] (null where the method is absent).
+    d: a volume's grid, spacing and orientation (it has no o/v), z: why no class is explained (when t
+    is empty), t: targets, each c: class, l: label, p: probability, g: completeness gap, r: Pearson r
+    and u: top-20% IoU of HiResCAM vs Grad-CAM, f: HiResCAM's prefix-token sum, x: identical by
+    construction, m: per method [thumbnail, full-size link, NIfTI link or null] (null where the
+    method is absent).
     """
     record: dict[str, Any] = {"i": entry.index, "n": entry.name, "s": entry.status}
     if entry.summary is None:
@@ -79,13 +80,28 @@ def image_record(root: Path, entry: Entry, methods: list[str], thumbs: Thumbnail
         return record
     summary = entry.summary
     record["w"], record["h"] = summary.get("width"), summary.get("height")
-    source = str(summary.get("input", ""))
-    original = thumbs.add(Path(source), (THUMB_SIDE, VIEW_SIDE), "input:" + source, original=True)
-    record["o"], record["v"] = original or (None, None)
+    scan = scan_text(summary)
+    if scan is not None:  # a volume: no picture of its own (its maps' pictures show the scan)
+        record["d"], record["o"], record["v"] = scan, None, None
+    else:
+        source = str(summary.get("input", ""))
+        original = thumbs.add(Path(source), (THUMB_SIDE, VIEW_SIDE), "input:" + source, original=True)
+        record["o"], record["v"] = original or (None, None)
     record["t"] = [_target(root, target, methods, thumbs) for target in summary.get("targets", [])]
     if not record["t"]:
         record["z"] = _why_none(summary)
     return record
+
+
+def scan_text(summary: dict[str, Any]) -> str | None:
+    """A volume's voxel grid, spacing and orientation ("56 x 48 x 36 voxels of 3 x 3.5 x 4.5 mm, LPS"),
+    from its summary's fields; None for a picture's summary (which has none of them)."""
+    shape, spacing = summary.get("shape"), summary.get("spacing")
+    if not (isinstance(shape, list) and isinstance(spacing, list)):
+        return None
+    times = " \N{MULTIPLICATION SIGN} "
+    text = f"{times.join(map(str, shape))} voxels of {times.join(f'{s:g}' for s in spacing)} mm"
+    return text + (f", {summary['orientation']}" if summary.get("orientation") else "")
 
 
 def _why_none(summary: dict[str, Any]) -> str:
@@ -119,7 +135,8 @@ def _target(root: Path, target: dict[str, Any], methods: list[str], thumbs: Thum
             out["m"].append(None)
             continue
         names = thumbs.add(root / png, (THUMB_SIDE,), "png:" + png)
-        out["m"].append([names[0] if names else None, link(png)])
+        nifti = maps[method].get("nifti")
+        out["m"].append([names[0] if names else None, link(png), link(nifti) if nifti else None])
     return out
 
 

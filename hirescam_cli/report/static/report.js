@@ -116,15 +116,17 @@
     }
     const original = r.o
       ? el("a", { href: "thumbs/" + r.v }, el("img", { src: "thumbs/" + r.o, alt: "Original image " + r.n, loading: "lazy", decoding: "async" }))
-      : el("span", { class: "missing" }, "original not available");
+      : r.d ? el("span", { class: "missing scan" }, r.d) : el("span", { class: "missing" }, "original not available");
     const targets = el("div", { class: "targets" });
-    const body = el("div", { class: "card-body" }, el("figure", { class: "original" }, original, el("figcaption", {}, "original")), targets);
+    const body = el("div", { class: "card-body" }, el("figure", { class: "original" }, original, el("figcaption", {}, r.d ? "scan" : "original")), targets);
     for (const t of r.t || []) {
       const maps = el("div", { class: "maps" });
       t.m.forEach((cell, k) => {
         if (!cell) return;
         const name = methods[k][1];
-        maps.append(el("figure", {}, el("a", { href: cell[1] }, thumb(cell[0], name + " for " + t.l + " on " + r.n)), el("figcaption", {}, name)));
+        const caption = el("figcaption", {}, name);
+        if (cell[2]) caption.append(" ", el("a", { class: "nifti", href: cell[2] }, "NIfTI"));
+        maps.append(el("figure", {}, el("a", { href: cell[1] }, thumb(cell[0], name + " for " + t.l + " on " + r.n)), caption));
       });
       targets.append(el("section", { class: "target" },
         el("h3", {}, el("span", { class: "label" }, t.l), " ", el("span", { class: "prob", title: "probability" }, "p " + fixed(t.p, 3))),
@@ -178,7 +180,10 @@
       const row = el("div", { class: "viewer-row" });
       if (r.v) row.append(figure("thumbs/" + r.v, "Original image " + r.n, "original"));
       t.m.forEach((cell, k) => {
-        if (cell) row.append(figure(cell[1], methods[k][1] + " for " + t.l + " on " + r.n, methods[k][1]));
+        if (!cell) return;
+        const shown = figure(cell[1], methods[k][1] + " for " + t.l + " on " + r.n, methods[k][1]);
+        if (cell[2]) shown.lastChild.append(" ", el("a", { class: "nifti", href: cell[2] }, "NIfTI"));
+        row.append(shown);
       });
       body.append(row);
     }
@@ -190,7 +195,7 @@
 
   cards.addEventListener("click", (event) => {
     const card = event.target.closest("li.card");
-    if (!card || card.classList.contains("error")) return;
+    if (!card || card.classList.contains("error") || event.target.closest("a.nifti")) return; // a NIfTI link downloads
     if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return; // open in a new tab
     event.preventDefault();
     openViewer(images[Number(card.dataset.i)]);
