@@ -5,9 +5,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .batches import InputDataset, make_loader
 from .config import Config, ConfigError
@@ -33,33 +31,6 @@ METRIC_INFO = {  # name -> (label, which way is better)
     "insertion_auc": ("insertion AUC", "higher"),
 }
 SAMPLE_SEED = 0
-
-
-def mask_folder(masks: Path, item: InputItem) -> Path:
-    """Masks of `a/x.png` live in MASKS/a/x/<label>.png."""
-    return masks / Path(item.key).with_suffix("")
-
-
-def load_masks(masks: Path, item: InputItem, labels: list[str], size: tuple[int, int], problems: list[str]):
-    """{class id: uint8 (H, W) mask} for every label with a mask file of the image's size."""
-    found = {}
-    for path in sorted(mask_folder(masks, item).glob("*.png")):
-        if path.stem not in labels:
-            problems.append(f"{path}: {path.stem!r} is not a label of the model")
-            continue
-        try:
-            with Image.open(path) as image:
-                mask = np.asarray(image.convert("L")) > 127
-        except OSError as e:
-            problems.append(f"{path}: cannot read ({e})")
-            continue
-        if mask.shape != size:
-            problems.append(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {size[1]}x{size[0]}")
-            continue
-        found[labels.index(path.stem)] = mask
-    if not found:
-        problems.append(f"{mask_folder(masks, item)}: no usable mask for {item.key}")
-    return found
 
 
 def run_eval(
@@ -106,7 +77,9 @@ def run_eval(
                     result = explainer(x, methods=tuple(METHODS), **choose)
                     valid = result.valid
                 else:
-                    rows, classes, truth = _mask_targets(masks, batch, items, loaded.labels, problems)
+                    rows, classes, truth, truth_rows = _mask_targets(
+                        modality, masks, batch, items, loaded.labels, problems
+                    )
                     if not rows:
                         continue
                     x = x[rows]
@@ -121,7 +94,9 @@ def run_eval(
             image_of = torch.arange(len(x), device=device)[:, None].expand_as(valid)[valid]
             pair_classes.append(targets.cpu())
             identical.append(result.identical_by_construction[valid].cpu())
-            truth_input = modality.masks_to_input(truth).to(device) if truth else None
+            truth_input = None
+            if truth:
+                truth_input = modality.masks_to_input(truth, batch.views, truth_rows).to(device)
             for name, maps in result.maps.items():
                 maps = maps[valid]
                 for key, value in fidelity(maps, delta).items():
@@ -178,20 +153,27 @@ def run_eval(
     return report
 
 
-def _mask_targets(masks: Path, batch, items: list[InputItem], labels: list[str], problems: list[str]):
-    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order."""
-    rows, per_row, truth = [], [], []
+def _mask_targets(
+    modality, masks: Path, batch, items: list[InputItem], labels: list[str], problems: list[str]
+):
+    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks and their batch
+    rows in pair order. An input's masks are in MASKS/<modality.mask_folder(key)>/."""
+    rows, per_row, truth, truth_rows = [], [], [], []
     for row, index in enumerate(batch.indices):
-        found = load_masks(masks, items[index], labels, batch.views.sizes[row], problems)
-        if found:
-            rows.append(row)
-            per_row.append(list(found))
-            truth += list(found.values())
+        folder = masks / modality.mask_folder(items[index].key)
+        found = modality.load_masks(folder, labels, batch.views, row, problems)
+        if not found:
+            problems.append(f"{folder}: no usable mask for {items[index].key}")
+            continue
+        rows.append(row)
+        per_row.append(list(found))
+        truth += list(found.values())
+        truth_rows += [row] * len(found)
     count = max((len(c) for c in per_row), default=0)
     classes = torch.full((len(rows), count), -1, dtype=torch.long)
     for row, found in enumerate(per_row):
         classes[row, : len(found)] = torch.tensor(found)
-    return rows, classes, truth
+    return rows, classes, truth, truth_rows
 
 
 def _sample(

@@ -19,6 +19,10 @@ A modality is a class with
                                     summary field -> name suffix (pictures: none)
     renderer(config, device, labels)  what turns a batch's maps into pictures on the input, in parts
                                     (`render.Part`, with the payloads of the map_files)
+    mask_folder(key) -> str         eval: where under MASKS an input's masks are (`a/x.png` -> `a/x`)
+    load_masks(folder, labels, views, row, problems) -> {class id: bool array}  eval: the usable masks
+                                    of one input, on its own grid (what is not usable goes to problems)
+    masks_to_input(masks, views, rows) -> Tensor  eval: those masks over the model input, bool (N, *size)
 and a torch-free module of its files with `accepts(name) -> bool` for folder walks and, for a kind whose
 inputs can be several files, `group(folder, paths)` (see discovery.catalogue). A kind may declare its own
 `[preprocess]` table (a frozen dataclass with a KEYS dict of validators) in a torch-free module. A new kind

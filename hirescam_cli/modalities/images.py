@@ -5,8 +5,10 @@ original at its size up to `output.max_side` (image_overlays.py).
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
@@ -123,9 +125,37 @@ class Images:
 
         return Renderer(config, device)
 
-    def masks_to_input(self, masks: Sequence[Tensor]) -> Tensor:
+    def mask_folder(self, key: str) -> str:
+        """Where eval finds an input's masks, under MASKS: `a/x.png` -> `a/x`."""
+        return Path(key).with_suffix("").as_posix()
+
+    def load_masks(self, folder: Path, labels: list[str], views: PictureViews, row: int, problems: list[str]):
+        """{class id: bool (H, W)} of every FOLDER/<label>.png of the picture's size; what cannot be used
+        goes to `problems`."""
+        from PIL import Image
+
+        found = {}
+        size = views.sizes[row]
+        for path in sorted(folder.glob("*.png")):
+            if path.stem not in labels:
+                problems.append(f"{path}: {path.stem!r} is not a label of the model")
+                continue
+            try:
+                with Image.open(path) as image:
+                    mask = np.asarray(image.convert("L")) > 127
+            except OSError as e:
+                problems.append(f"{path}: cannot read ({e})")
+                continue
+            if mask.shape != size:
+                shown = f"{mask.shape[1]}x{mask.shape[0]}, image is {size[1]}x{size[0]}"
+                problems.append(f"{path}: mask is {shown}")
+                continue
+            found[labels.index(path.stem)] = mask
+        return found
+
+    def masks_to_input(self, masks: Sequence[Tensor], views: PictureViews, rows: Sequence[int]) -> Tensor:
         """Masks (H, W) bool of the originals through the same resize and crop -> bool (N, h, w) over the
-        model input."""
+        model input (the same for every picture: `views` and `rows` are not needed)."""
         geometry = Preprocess(self.preprocess.resize, self.preprocess.crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         return torch.stack(
             [

@@ -11,6 +11,7 @@ files and pictures of three planes and the most explained slices).
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -196,6 +197,63 @@ class Volumes:
         from .volume_maps import Renderer
 
         return Renderer(self, config, device, labels)
+
+    def mask_folder(self, key: str) -> str:
+        """Where eval finds an input's masks, under MASKS: `a/x.nii.gz` -> `a/x`; a DICOM series: its key."""
+        for suffix in MASK_SUFFIXES:
+            if key.lower().endswith(suffix):
+                return key[: -len(suffix)]
+        return key
+
+    def load_masks(self, folder: Path, labels: list[str], views: VolumeViews, row: int, problems: list[str]):
+        """{class id: bool (I, J, K)} of every FOLDER/<label>.nii(.gz) on the volume's grid (its shape, and
+        its affine within 1e-3 mm): voxels above 0 are the lesion; what cannot be used goes to `problems`."""
+        import nibabel as nib
+
+        found = {}
+        shape, affine = views.shapes[row], views.affines[row].numpy()
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            label = next((path.name[: -len(s)] for s in MASK_SUFFIXES if path.name.lower().endswith(s)), None)
+            if label is None:
+                continue
+            if label not in labels:
+                problems.append(f"{path}: {label!r} is not a label of the model")
+                continue
+            try:
+                image = nib.load(path)
+                mask = np.asarray(image.dataobj) > 0
+            except Exception as e:  # nibabel's errors for bad headers, truncated gzip or voxel data
+                problems.append(f"{path}: cannot read ({e})")
+                continue
+            if mask.shape != shape:
+                problems.append(f"{path}: mask is {_x(mask.shape)} voxels, the volume {_x(shape)}")
+            elif not np.allclose(image.affine, affine, rtol=0, atol=1e-3):
+                problems.append(f"{path}: the mask's affine is not the volume's")
+            else:
+                found[labels.index(label)] = mask
+        return found
+
+    def masks_to_input(self, masks: Sequence[np.ndarray], views: VolumeViews, rows: Sequence[int]) -> Tensor:
+        """Masks (I, J, K) bool on the inputs' grids -> bool (N, *input_size) over the model input: each
+        model voxel takes the mask at the input voxel nearest its centre through `to_input` (else False)."""
+        axes = [torch.arange(n, dtype=torch.float64) for n in self.preprocess.input_size]
+        model = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (*input_size, 3)
+        out = []
+        for mask, row in zip(masks, rows, strict=True):
+            matrix = views.to_input[row]
+            voxel = (model @ matrix[:3, :3].T + matrix[:3, 3]).add(0.5).floor().long()
+            inside = ((voxel >= 0) & (voxel < torch.tensor(mask.shape))).all(-1)
+            found = torch.zeros(self.preprocess.input_size, dtype=torch.bool)
+            found[inside] = torch.from_numpy(mask)[tuple(voxel[inside].unbind(-1))]
+            out.append(found)
+        return torch.stack(out)
+
+
+MASK_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _x(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _g(value: float) -> float:
