@@ -25,10 +25,11 @@ EXIT_CODES = {
 }
 
 
-def epilog(examples: list[str], codes: tuple[int, ...]) -> str:
-    """Examples and exit codes for a command's --help, kept as typed (\\b stops click rewrapping)."""
+def epilog(examples: list[str], codes: tuple[int, ...], meanings: dict[int, str] | None = None) -> str:
+    """Examples and exit codes for a command's --help, kept as typed (\\b stops click rewrapping);
+    `meanings` says what a code means for this command where EXIT_CODES's words do not fit."""
     lines = ["\b", "Examples:", *(f"  {example}" for example in examples), "", "\b", "Exit codes:"]
-    lines += [f"  {code:<4d}{EXIT_CODES[code]}" for code in codes]
+    lines += [f"  {code:<4d}{(meanings or {}).get(code, EXIT_CODES[code])}" for code in codes]
     return "\n".join(lines)
 
 
@@ -257,6 +258,12 @@ def report_command(out, wait) -> None:
             "hirescam compare base_out new_out --min-agreement-each 0.5 --wait",
         ],
         (0, 2, 3, 4, 6),
+        {
+            0: "compared; every gate set passed",
+            2: "usage error, or runs that cannot be compared: one line on stderr, nothing written",
+            3: "-o DIR cannot be written",
+            4: "BASE or NEW is locked by a run (--wait waits for it instead)",
+        },
     ),
 )
 @click.argument("base", type=click.Path(path_type=Path))
