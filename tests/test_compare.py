@@ -18,7 +18,7 @@ from test_cli import run
 from test_startup import PROBE
 
 from hirescam_cli import render
-from hirescam_cli.compare import sides
+from hirescam_cli.compare import agreement, sides
 from hirescam_cli.compare.agreement import pearson, top_region_iou
 from hirescam_cli.compare.markdown import code
 from hirescam_cli.modalities import geometry
@@ -98,11 +98,11 @@ def test_large_maps_are_not_kept_and_compare_reads_the_raw_arrays_instead(tmp_pa
     plain = explain(images, tmp_path / "plain", "grid33_net", 66)
     (summary,) = list(summaries(plain).values())[:1]
     entry = summary["targets"][0]["maps"]["hirescam"]
-    assert GRID_POSITIONS < 33 * 33 and "grid" not in entry
+    assert agreement.GRID_POSITIONS == GRID_POSITIONS < 33 * 33 and "grid" not in entry
     code_, out, err = compare(capsys, plain, plain, "--min-agreement", "0.5")
     assert code_ == 6
     assert "hirescam: gate failed: --min-agreement 0.5: no input has HiResCAM maps on both sides" in err
-    assert "explain with --save-raw" in out
+    assert "its grid of 1,089 positions is too large for a summary: explain with --save-raw" in out
     raw = explain(images, tmp_path / "raw", "grid33_net", 66, "--save-raw")
     code_, out, err = compare(capsys, raw, raw, "--min-agreement", "1", "-o", tmp_path / "cmp")
     assert code_ == 0, err
@@ -412,3 +412,27 @@ def test_a_locked_run_is_refused_or_waited_for_without_torch(pair, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_summaries_written_before_maps_were_kept_say_how_to_redo_them(pair, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(pair["base"], old, ignore=shutil.ignore_patterns("*.npy"))
+    for path in old.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        summary.pop("box")
+        for target in summary["targets"]:
+            for entry in target["maps"].values():
+                del entry["grid"]
+                entry["raw"] = None
+        path.write_text(json.dumps(summary))
+    code_, _, err = compare(capsys, old, pair["new"], "-o", tmp_path / "cmp")
+    assert code_ == 0, err
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["inputs"]
+    with_classes = [row for row in rows if row["classes"]]
+    assert with_classes and all(row["agreement"] is None for row in rows)
+    assert all("rerun `hirescam explain` with --overwrite" in row["problems"][0] for row in with_classes)
+    assert all(
+        cell["peak_distance"] is not None
+        for row in with_classes
+        for cell in row["classes"][0]["maps"].values()
+    )

@@ -9,6 +9,7 @@ The page, DIR/compare.html, is report/compare_page.py's.
 """
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -84,7 +85,6 @@ def run_compare(
 
 def _write(out: Path, comparison: Comparison, results: list[dict], gates: Gates) -> None:
     """DIR/compare.json and DIR/compare.html (with its assets and thumbnails), each written atomically."""
-    from ..outputs import json_bytes
     from ..report.compare_page import write_compare_page
     from ..report.site import write_atomic
 
@@ -94,7 +94,8 @@ def _write(out: Path, comparison: Comparison, results: list[dict], gates: Gates)
     document = to_json(comparison, results, thresholds)
     path = out.absolute() / "compare.json"
     try:
-        write_atomic(path, json_bytes(document))
+        text = json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        write_atomic(path, (text + "\n").encode())  # compact: a row per input, read by machines (jq)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {describe(e)}") from None
     write_compare_page(out, comparison, document)

@@ -14,6 +14,7 @@ from ..report.run_files import Entry
 from .sides import Matching, Side
 
 TOP_FRACTION = 0.2  # the "top region" of a map for IoU
+GRID_POSITIONS = 1024  # what summary.py keeps (a torch-free copy: compare never imports torch)
 
 
 def _g(value: float | None) -> float | None:
@@ -53,8 +54,9 @@ def top_region_iou(a: np.ndarray, b: np.ndarray, fraction: float = TOP_FRACTION)
     return float((ta & tb).sum() / (ta | tb).sum())
 
 
-def grid_map(root: Path, entry: dict[str, Any]) -> np.ndarray | str:
-    """A method's map over its grid, from the summary's `grid` (else its --save-raw array); or why not."""
+def grid_map(root: Path, summary: dict[str, Any], entry: dict[str, Any]) -> np.ndarray | str:
+    """A method's map (`entry`, of `summary`) over its grid, from the summary's `grid`, else its --save-raw
+    array; or why there is none."""
     grid = entry.get("grid")
     if isinstance(grid, dict):
         try:
@@ -67,7 +69,12 @@ def grid_map(root: Path, entry: dict[str, Any]) -> np.ndarray | str:
             return np.load(root / entry["raw"], allow_pickle=False).astype(np.float64)
         except (OSError, ValueError) as e:
             return f"its raw map {entry['raw']} is unreadable ({' '.join(str(e).split())})"
-    return "its summary keeps no map (a grid of more than 1,024 positions): explain with --save-raw"
+    grid = (summary.get("layout") or {}).get("grid") or []
+    if math.prod(grid) > GRID_POSITIONS:
+        return (
+            f"its grid of {math.prod(grid):,} positions is too large for a summary: explain with --save-raw"
+        )
+    return "its summary was written before summaries kept maps: rerun `hirescam explain` with --overwrite"
 
 
 def _prediction(summary: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +157,7 @@ def _class_record(bt: dict, nt: dict, sides, where, geometry, methods: list[str]
         if bm.get("peak") and nm.get("peak"):
             cell["peak_distance"] = _g(geometry.peak_distance(bs, bm["peak"], ns, nm["peak"]))
         if where is not None:
-            maps = grid_map(b_root, bm), grid_map(n_root, nm)
+            maps = grid_map(b_root, bs, bm), grid_map(n_root, ns, nm)
             missing = [
                 f"{side}: {m}" for side, m in zip(("BASE", "NEW"), maps, strict=True) if isinstance(m, str)
             ]

@@ -24,7 +24,10 @@ def _box(summary: dict) -> tuple[float, float, float, float]:
     """The summary's crop box; ValueError naming what is missing (a summary written before it was kept)."""
     box = summary.get("box")
     if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-        raise ValueError("its summary holds no crop box (written before hirescam-cli kept it)")
+        raise ValueError(
+            "a summary holds no crop box (written before summaries kept it: rerun `hirescam explain` with "
+            "--overwrite)"
+        )
     x0, y0, x1, y1 = map(float, box)
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"its summary's crop box {box} is empty")
