@@ -85,7 +85,8 @@ class Images:
         )
 
     def describe(self, views: PictureViews, row: int) -> dict:
-        """The summary fields of one picture: its size, and its overlays' (the PNGs') size and scale."""
+        """The summary fields of one picture: its size, its overlays' (the PNGs') size and scale, and the box
+        of the original its maps cover (what image_geometry registers them through)."""
         (height, width), (shown_height, shown_width) = views.sizes[row], views.pictures[row].shape[1:]
         return {
             "width": int(width),
@@ -95,6 +96,7 @@ class Images:
                 "height": int(shown_height),
                 "scale": max(shown_width, shown_height) / max(width, height),
             },
+            "box": [float(v) for v in views.boxes[row].tolist()],
         }
 
     def locate(self, maps: Tensor, views: PictureViews) -> Tensor:
