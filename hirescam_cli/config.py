@@ -339,9 +339,10 @@ def _check_whole(config: Config) -> None:
             "or model.factory (module:callable)"
         )
     if model.arch and model.arch.startswith(("timm:", "hf:")) and model.weights not in (None, "none"):
+        hub = "timm" if model.arch.startswith("timm:") else "Hugging Face"
         raise ConfigError(
-            'model.weights names torchvision weights; timm and Hugging Face models take "none" (random '
-            "weights) or model.checkpoint"
+            f'model.weights names torchvision weights; {hub} models take "none" (random weights) or '
+            "model.checkpoint"
         )
     if model.factory and model.weights:
         raise ConfigError("model.weights names torchvision weights; with model.factory use model.checkpoint")

@@ -14,7 +14,10 @@ import torch
 import transformers as hf
 from determinism import assert_close_scaled, noise, seeded
 from PIL import Image
+from safetensors.torch import save_file
 from test_cli import rgb, run
+from test_faults import folder, tree
+from test_scale import finish, launch
 
 from hirescam_cli import Explainer
 from hirescam_cli.config import ModelConfig, PreprocessConfig
@@ -359,6 +362,11 @@ def test_models_that_need_their_own_code_or_lack_weights_are_refused(folders, tm
     with pytest.raises(ModelError, match=r"has no weights"):
         load_model(ModelConfig(arch=f"hf:{bare}"))
     assert load_model(ModelConfig(arch=f"hf:{bare}", weights="none")).random_weights
+    reference = load_model(ModelConfig(arch=f"hf:{folders['vit']}")).module
+    save_file(reference.state_dict(), tmp_path / "vit.safetensors")
+    loaded = load_model(ModelConfig(arch=f"hf:{bare}", checkpoint=tmp_path / "vit.safetensors"))
+    x = noise(1, 3, 32, 32)
+    assert torch.equal(loaded.module(x), reference(x)) and not loaded.random_weights
     with pytest.raises(ModelError, match=r"no such folder"):
         load_model(ModelConfig(arch=f"hf:{tmp_path / 'missing'}"))
 
@@ -420,3 +428,12 @@ def test_amp_runs_a_swin_on_the_cpu(folders, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "a.png" / "summary.json").read_text())
     assert summary["layout"] == {"kind": "tokens", "grid": [4, 4], "prefix_tokens": 0}
+
+
+def test_two_processes_give_the_one_process_outputs_of_a_hugging_face_model(folders, tmp_path, capsys):
+    images = folder(tmp_path / "images", 5)
+    args = ["--model", f"hf:{folders['vit']}", "--top-k", "2", "--batch-size", "2", "--workers", "0", "-q"]
+    assert run(["explain", images, "-o", tmp_path / "one", *args], capsys)[0] == 0
+    code, err = finish(launch(["explain", images, "-o", tmp_path / "two", *args], tmp_path, processes=2))
+    assert code == 0, err
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
