@@ -353,13 +353,13 @@ def test_models_that_need_their_own_code_or_lack_weights_are_refused(folders, tm
     config["auto_map"] = {"AutoModelForImageClassification": "modeling_mine.MyNet"}
     (remote / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ModelError, match=r"needs its own code \(trust_remote_code\), which hirescam never runs"
+        ModelError, match=r"^hf:.*remote needs its own code \(trust_remote_code\), which hirescam never runs"
     ):
         load_model(ModelConfig(arch=f"hf:{remote}"))
     bare = tmp_path / "bare"
     shutil.copytree(folders["vit"], bare)
     (bare / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match=r"has no weights"):
+    with pytest.raises(ModelError, match=r"^hf:.*bare has no weights"):
         load_model(ModelConfig(arch=f"hf:{bare}"))
     assert load_model(ModelConfig(arch=f"hf:{bare}", weights="none")).random_weights
     reference = load_model(ModelConfig(arch=f"hf:{folders['vit']}")).module

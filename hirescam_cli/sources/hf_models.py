@@ -55,9 +55,9 @@ def load(config, load_weights: bool) -> LoadedModel:
             )
         hf_config.num_labels = config.num_classes
     auto = transformers.AutoModelForImageClassification
+    safe = _weights(folder, name, config.allow_pickle) if pretrained else True
     try:
         if pretrained:
-            safe = _weights(folder, name, config.allow_pickle)
             module = seeded(
                 lambda: auto.from_pretrained(
                     folder,
@@ -169,10 +169,14 @@ def _weights(folder: Path, name: str, pickled: bool) -> bool:
 def _config(transformers, folder: Path, name: str):
     """The model's config; a ModelError for one that needs remote code or no image classifier fits."""
     try:
-        if "auto_map" in json.loads((folder / "config.json").read_text(encoding="utf-8")):
-            raise ModelError(f"hf:{name} needs its own code (trust_remote_code), which hirescam never runs")
+        remote = "auto_map" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ModelError(f"cannot read the config of hf:{name}: {_first_line(e)}") from None
+    if remote:
+        raise ModelError(f"hf:{name} needs its own code (trust_remote_code), which hirescam never runs")
+    try:
         return transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+    except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot read the config of hf:{name}: {_first_line(e)}") from None
 
 
