@@ -14,7 +14,7 @@ import torch
 import transformers as hf
 from determinism import assert_close_scaled, noise, seeded
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_cli import rgb, run
 from test_faults import folder, tree
 from test_scale import finish, launch
@@ -361,6 +361,15 @@ def test_models_that_need_their_own_code_or_lack_weights_are_refused(folders, tm
     (bare / "model.safetensors").unlink()
     with pytest.raises(ModelError, match=r"^hf:.*bare has no weights"):
         load_model(ModelConfig(arch=f"hf:{bare}"))
+    headless = tmp_path / "headless"  # a backbone checkpoint: the classifier would start at random
+    shutil.copytree(folders["vit"], headless)
+    state = load_file(headless / "model.safetensors")
+    backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    save_file(backbone, headless / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ModelError, match=r"do not cover the classifier it builds \(missing or mismatched: classifier"
+    ):
+        load_model(ModelConfig(arch=f"hf:{headless}"))
     assert load_model(ModelConfig(arch=f"hf:{bare}", weights="none")).random_weights
     reference = load_model(ModelConfig(arch=f"hf:{folders['vit']}")).module
     save_file(reference.state_dict(), tmp_path / "vit.safetensors")

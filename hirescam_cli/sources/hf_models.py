@@ -58,7 +58,7 @@ def load(config, load_weights: bool) -> LoadedModel:
     safe = _weights(folder, name, config.allow_pickle) if pretrained else True
     try:
         if pretrained:
-            module = seeded(
+            module, info = seeded(
                 lambda: auto.from_pretrained(
                     folder,
                     config=hf_config,
@@ -66,12 +66,14 @@ def load(config, load_weights: bool) -> LoadedModel:
                     local_files_only=True,
                     use_safetensors=safe,
                     dtype="float32",
+                    output_loading_info=True,
                 )
             )
         else:
-            module = seeded(lambda: auto.from_config(hf_config, trust_remote_code=False))
+            module, info = seeded(lambda: auto.from_config(hf_config, trust_remote_code=False)), {}
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot build hf:{name}: {_first_line(e)}") from None
+    _check_loaded(info, name)
     return LoadedModel(
         module=logits_only(module),
         name=f"hf:{name}",
@@ -143,6 +145,19 @@ def _folder(name: str, weights: bool, pickled: bool) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # gated, missing, a network error (the hub's kinds vary): one line, whatever it is
         raise ModelError(f"cannot download Hugging Face model {name}: {_first_line(e)}") from None
+
+
+def _check_loaded(info: dict, name: str) -> None:
+    """A ModelError when the weights left parameters at their random start (a checkpoint without a
+    classifier head, say) or did not fit them: random weights are never an accident."""
+    missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
+    if missing:
+        listed = ", ".join(map(str, missing[:3])) + (" ..." if len(missing) > 3 else "")
+        raise ModelError(
+            f"the weights of hf:{name} do not cover the classifier it builds (missing or mismatched: "
+            f"{listed}): use a fine-tuned image classification checkpoint, set model.checkpoint "
+            '(--checkpoint), or model.weights = "none" (--weights none) for random weights'
+        )
 
 
 def _has_weights(folder: Path) -> bool:
