@@ -20,7 +20,7 @@ from test_faults import folder, tree
 from test_scale import finish, launch
 
 from hirescam_cli import Explainer
-from hirescam_cli.config import ModelConfig, PreprocessConfig
+from hirescam_cli.config import ConfigError, ModelConfig, PreprocessConfig
 from hirescam_cli.engine.layers import choose_auto, probe_input, trace_layers
 from hirescam_cli.modalities.image_files import decode
 from hirescam_cli.modalities.images import make_preprocess
@@ -253,6 +253,10 @@ def test_config_keys_override_the_processor_and_unknown_resizes_are_refused():
         "bilinear",
         "floor",
     )
+    lanczos = preset_of(hf.ViTImageProcessor(resample=1), "m")
+    with pytest.raises(ConfigError, match=r"resamples with lanczos.*set preprocess\.interpolation"):
+        make_preprocess(PreprocessConfig(), lanczos)
+    assert make_preprocess(PreprocessConfig(interpolation="bicubic"), lanczos).interpolation == "bicubic"
     longest = hf.ViTImageProcessor(size={"shortest_edge": 200, "longest_edge": 300})
     with pytest.raises(ModelError, match=r"set preprocess\.resize and preprocess\.crop"):
         preset_of(longest, "m")

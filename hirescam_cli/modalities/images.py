@@ -249,6 +249,11 @@ def make_preprocess(config: PreprocessConfig, transforms: Any) -> "Preprocess":
     std = config.std or (tuple(transforms.std) if transforms else IMAGENET_STD)
     preset = getattr(transforms, "interpolation", "bilinear")
     interpolation = config.interpolation or getattr(preset, "value", preset)  # torchvision's is an enum
+    if interpolation not in INTERPOLATIONS:  # a Hugging Face processor's lanczos, say
+        raise ConfigError(
+            f"the model's preprocessing resamples with {interpolation}, which this one does not have: set "
+            "preprocess.interpolation (bilinear, bicubic or nearest)"
+        )
     rounding = getattr(transforms, "crop_rounding", "round")
     _check_crop(config, resize, crop, "the model's preset" if transforms else "the default")
     return Preprocess(resize, crop, mean, std, interpolation, rounding)

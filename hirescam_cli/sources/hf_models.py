@@ -19,7 +19,7 @@ from .common import NO_WEIGHTS, LoadedModel, reachable, seeded
 SAFE = ("model.safetensors", "model.safetensors.index.json")  # one file, or an index of shards
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 PREFIX_TOKENS = ("cls_token", "distillation_token", "register_tokens")  # embeddings' (1, n, K) parameters
-RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's resampling codes the preprocessing has
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's codes
 SQUASH_FROM = 384  # ConvNeXt's processor: at this shortest edge and above, resize to a square, no crop
 
 
@@ -242,7 +242,7 @@ def preset_of(processor, name: str) -> HfPreset:
         crop_size=crop,
         mean=tuple(m / scale for m in mean),
         std=tuple(s / scale for s in std),
-        interpolation=RESAMPLE.get(int(processor.resample), "bilinear"),
+        interpolation=RESAMPLE.get(int(processor.resample), str(processor.resample)),
     )
 
 
