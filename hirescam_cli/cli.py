@@ -42,7 +42,8 @@ def _classes(value: str | None) -> list[int | str] | None:
 
 
 def _model_flags(model: str | None) -> dict:
-    """--model NAME is a torchvision arch, timm:NAME (a hub prefix) a hub's; --model pkg.mod:fn a factory."""
+    """--model NAME is a torchvision arch, timm:NAME or hf:NAME (a hub prefix) a hub's; --model pkg.mod:fn
+    a factory."""
     if model is None:
         return {}
     factory = ":" in model and not has_source_prefix(model)
@@ -77,7 +78,8 @@ config_option = click.option(
 model_options = _options(
     click.option(
         "--model",
-        help="A torchvision model name (resnet50), timm:NAME, or package.module:callable (runs that code).",
+        help="A torchvision model name (resnet50), timm:NAME, hf:PATH_OR_NAME (a Hugging Face folder or hub "
+        "name), or package.module:callable (runs that code).",
     ),
     click.option(
         "--weights",
@@ -86,6 +88,12 @@ model_options = _options(
     ),
     click.option(
         "--checkpoint", type=click.Path(path_type=Path), help="A state_dict file to load (as data only)."
+    ),
+    click.option(
+        "--allow-pickle/--no-allow-pickle",
+        default=None,
+        help="hf: models: also load pickled weights (pytorch_model.bin, as tensors only) if there are no "
+        "safetensors.",
     ),
     click.option("--labels", type=click.Path(path_type=Path), help="Labels file, one label per line."),
     click.option(
@@ -126,6 +134,7 @@ def model_overrides(model: str | None, flags: dict) -> dict:
         **_model_flags(model),
         "model.weights": flags.pop("weights", None),
         "model.checkpoint": flags.pop("checkpoint", None),
+        "model.allow_pickle": flags.pop("allow_pickle", None),
         "model.labels": flags.pop("labels", None),
         "model.target_layer": flags.pop("target_layer", None),
         "model.layout": flags.pop("layout", None),
