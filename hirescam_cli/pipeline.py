@@ -167,7 +167,7 @@ class ExplainRun:
         methods, save_raw = config.explain.methods, config.output.save_raw
         extra = modality.numbers(result, batch.views)
         numbers = batch_numbers(
-            result, config.model.multilabel, lambda maps: modality.locate(maps, batch.views), extra
+            result, session.multilabel, lambda maps: modality.locate(maps, batch.views), extra
         )
         map_files = modality.map_files(save_raw)
         raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if save_raw else None

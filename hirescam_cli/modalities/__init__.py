@@ -25,8 +25,15 @@ A modality is a class with
     masks_to_input(masks, views, rows) -> Tensor  eval: those masks over the model input, bool (N, *size)
 and a torch-free module of its files with `accepts(name) -> bool` for folder walks and, for a kind whose
 inputs can be several files, `group(folder, paths)` (see discovery.catalogue). A kind may declare its own
-`[preprocess]` table (a frozen dataclass with a KEYS dict of validators) in a torch-free module. A new kind
-is those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
+`[preprocess]` table (a frozen dataclass with a KEYS dict of validators) in a torch-free module, and a
+torch-free module of its geometry for `hirescam compare`, reading where maps lie from the summary fields
+`describe` wrote:
+    footing(base, new) -> Footing | None    the common footing of two summaries of one input (None: their
+                                    maps share no part of it; ValueError: a summary lacks the geometry),
+                                    whose `sample(side, grid)` reads a side's map (its grid shape) there
+    peak_distance(base, peak, new, peak) -> float   how far apart two peaks lie, in the input's units
+    FOOTING                         one line saying what the footing is (compare.json records it)
+A new kind is those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
 """
 
 import importlib
@@ -34,11 +41,12 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 
-# kind -> (the modality class, in this package; the module of its files; its [preprocess] table, None: the
-# pictures' (config.PreprocessConfig))
+# kind -> (the modality class, in this package; the module of its files; the module of its geometry for
+# `hirescam compare`, None: compare refuses the kind; its [preprocess] table, None: the pictures'
+# (config.PreprocessConfig))
 KINDS = {
-    "images": ("images.Images", "image_files", None),
-    "volumes": ("volumes.Volumes", "volume_files", "volume_settings.VolumePreprocess"),
+    "images": ("images.Images", "image_files", "image_geometry", None),
+    "volumes": ("volumes.Volumes", "volume_files", None, "volume_settings.VolumePreprocess"),
 }
 
 
@@ -54,7 +62,7 @@ def group(kind: str) -> Callable | None:
 
 def preprocess_table(kind: str) -> tuple[type, dict] | None:
     """A kind's own `[preprocess]` table: its dataclass and a validator per key (None: the pictures')."""
-    table = _entry(kind)[2]
+    table = _entry(kind)[3]
     if table is None:
         return None
     module, _, name = table.rpartition(".")
@@ -66,6 +74,14 @@ def _files(kind: str):
     return importlib.import_module(f"{__name__}.{_entry(kind)[1]}")
 
 
+def geometry(kind: str):
+    """The module that reads a kind's map geometry from its summaries (torch-free; `hirescam compare`)."""
+    module = _entry(kind)[2]
+    if module is None:
+        raise UsageError(f"hirescam compare does not compare runs of input.kind = {kind!r} yet")
+    return importlib.import_module(f"{__name__}.{module}")
+
+
 def open_modality(config, transforms, pictures: bool = True):
     """The modality the config's `[input] kind` names, with the model's preprocessing preset; `pictures`
     False: no pictures are drawn (an eval)."""
@@ -74,7 +90,7 @@ def open_modality(config, transforms, pictures: bool = True):
     return modality.from_config(config, transforms, pictures)
 
 
-def _entry(kind: str) -> tuple[str, str, str | None]:
+def _entry(kind: str) -> tuple[str, str, str | None, str | None]:
     if kind not in KINDS:
         raise UsageError(f"input.kind = {kind!r} is not allowed: expected one of {', '.join(KINDS)}")
     return KINDS[kind]
