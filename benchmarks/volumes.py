@@ -12,6 +12,7 @@ CPU-heavy: a few rounds take minutes on 2 cores; note `uptime` beside the figure
 """
 
 import argparse
+import copy
 import os
 import resource
 import subprocess
@@ -46,8 +47,9 @@ def engine_table(side: int, rounds: int) -> None:
     model = densenet()
     x = torch.randn(1, 1, side, side, side, generator=torch.Generator().manual_seed(0))
     top3 = model(x).topk(3).indices[0].tolist()
-    monai_gradcam = GradCAM(nn_module=model, target_layers=LAYER)
-    hooks = ModelWithHooks(model, LAYER, register_forward=True, register_backward=True)
+    # MONAI's hooks stay on the modules they are given: each gets a copy of its own, the same weights
+    monai_gradcam = GradCAM(nn_module=copy.deepcopy(model), target_layers=LAYER)
+    hooks = ModelWithHooks(copy.deepcopy(model), LAYER, register_forward=True, register_backward=True)
 
     def plain():
         with torch.inference_mode():
