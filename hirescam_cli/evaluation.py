@@ -66,7 +66,7 @@ METRICS = {
     "deletion_auc": Metric("deletion AUC", "lower", "input", "Petsiuk et al. 2018 (RISE) deletion"),
     "insertion_auc": Metric("insertion AUC", "higher", "input", "Petsiuk et al. 2018 (RISE) insertion"),
 }
-LOCALISATION_PIXELS = 2**24  # original pixels scored at once: pairs padded to the largest picture among them
+LOCALISATION_PIXELS = 2**22  # original pixels scored at once (pairs padded to the largest among them): ~250 MB
 SAMPLE_SEED = 0
 
 

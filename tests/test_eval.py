@@ -11,6 +11,7 @@ from torch import nn
 
 from hirescam_cli import Explainer
 from hirescam_cli.demo.samples import write_samples
+from hirescam_cli.evaluation import _padded, _spans
 from hirescam_cli.metrics import localisation
 from hirescam_cli.modalities.images import Preprocess
 
@@ -151,3 +152,15 @@ def test_planted_model_hirescam_mass_is_all_inside_the_used_positions():
     assert has_mass.sum() > 8
     torch.testing.assert_close(mass_hires, torch.ones_like(mass_hires))
     assert (mass_grad < 0.99).all()
+
+
+def test_pairs_are_scored_in_spans_of_bounded_padded_size():
+    """Consecutive spans cover every pair once; padded to its largest shape, each stays within the
+    budget unless it is a single pair."""
+    shapes = [(10, 10), (5, 30), (10, 10), (40, 40), (3, 3), (3, 3), (3, 3)]
+    spans = _spans(shapes, 200)
+    assert [list(s) for s in spans] == [[0], [1], [2], [3], [4, 5, 6]]  # (10, 30) x 2 = 600 > 200
+    assert [p for s in _spans(shapes, 10**6) for p in s] == list(range(7))
+    masks = [np.ones((2, 3), bool), np.ones((4, 1), bool)]
+    padded = _padded(masks)
+    assert padded.shape == (2, 4, 3) and padded.sum().item() == 10 and padded[1, :, 0].all()
