@@ -66,7 +66,7 @@ METRICS = {
     "deletion_auc": Metric("deletion AUC", "lower", "input", "Petsiuk et al. 2018 (RISE) deletion"),
     "insertion_auc": Metric("insertion AUC", "higher", "input", "Petsiuk et al. 2018 (RISE) insertion"),
 }
-LOCALISATION_PIXELS = 2**22  # original pixels scored at once (pairs padded to the largest among them): ~250 MB
+LOCALISATION_PIXELS = 2**22  # original pixels scored at once (pairs padded to the largest of them): ~250 MB
 SAMPLE_SEED = 0
 
 
@@ -129,7 +129,7 @@ def run_eval(
     items = discover(images, accepts=accepts(config.input.kind))
     resources = session.resources
     loader = make_loader(InputDataset(items, modality), resources.batch_size, resources.workers)
-    score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
+    score_fn = torch.sigmoid if session.multilabel else (lambda logits: torch.softmax(logits, -1))
     names = FIDELITY + (LOCALISATION + PIXEL_DELETION if masks is not None else ())
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in names} for m in METHODS}
     curves: dict[str, dict[str, list[torch.Tensor]]] = {m: {"deletion": [], "insertion": []} for m in METHODS}
