@@ -321,16 +321,25 @@ EVAL = {
     "target_layer": "features",
     "methods": {
         "hirescam": {
-            "energy": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 4},
+            "relevance_mass_accuracy": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 4},
             "faith": {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 4},
         },
         "gradcam": {
-            "energy": {"mean": 0.7, "low": 0.6, "high": 0.8, "n": 4},
+            "relevance_mass_accuracy": {"mean": 0.7, "low": 0.6, "high": 0.8, "n": 4},
             "faith": {"mean": 0.1, "low": float("nan"), "high": float("nan"), "n": 1},
         },
     },
-    "metrics": {"faith": {"label": "occlusion <r>", "better": "lower"}},
-    "per_class": {"circle": {"hirescam": {"energy": {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 2}}}},
+    "metrics": {
+        "faith": {
+            "label": "occlusion <r>",
+            "better": "lower",
+            "space": "layer grid",
+            "reference": "Smith <2024>",
+        }
+    },
+    "per_class": {
+        "circle": {"hirescam": {"relevance_mass_accuracy": {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 2}}}
+    },
     "curves": {
         "hirescam": {"deletion": [1.0, 0.5, 0.1], "insertion": [0.0, 0.6, 0.9]},
         "gradcam": {"deletion": [1.0, 0.7, 0.2], "insertion": [0.0, 0.4, 0.9]},
@@ -342,10 +351,11 @@ EVAL = {
 def test_eval_page_renders_whatever_methods_and_metrics_it_gets(tmp_path):
     html = write_eval_page(tmp_path, EVAL).read_text()
     assert "0.500 [0.400, 0.600] <small>n=4</small>" in html
-    assert '<td class="best">0.700 [0.600, 0.800]' in html  # energy: higher is better
+    assert '<td class="best">0.700 [0.600, 0.800]' in html  # mass accuracy: higher is better
     assert '<td class="best">0.100 <small>n=1</small>' in html  # faith: declared lower is better; no interval
     assert "occlusion &lt;r&gt;" in html and "net &lt;b&gt;" in html and "x/&lt;script&gt;.png" in html
     assert "<script" not in html and "Class circle" in html
+    assert "Smith &lt;2024&gt;; computed on the target layer&#39;s grid" in html
     assert html.count('src="data:image/png;base64,') == 1 and "1.000, 0.500, 0.100" in html
     assert "href=" not in html  # one file: nothing to fetch
 
@@ -353,7 +363,8 @@ def test_eval_page_renders_whatever_methods_and_metrics_it_gets(tmp_path):
 def test_eval_page_without_optional_parts(tmp_path):
     bare = {k: EVAL[k] for k in ("images", "model", "target_layer", "methods", "problems")}
     html = write_eval_page(tmp_path, bare).read_text()
-    assert "Per class" not in html and "data:image/png" not in html and "energy in mask" in html
+    assert "Per class" not in html and "data:image/png" not in html and "relevance mass accuracy" in html
+    assert "Definitions" not in html  # eval.json says nothing of them
 
 
 def test_eval_writes_eval_html_beside_eval_json(tmp_path, capsys):

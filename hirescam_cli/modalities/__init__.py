@@ -12,6 +12,11 @@ A modality is a class with
     collate(views) -> views         a batch's views together
     describe(views, row) -> dict    the summary fields of one input (its size, its pictures')
     locate(maps, views) -> Tensor   the peak of each (B, T, *grid) map in the input's own coordinates
+    to_original(maps, views, rows) -> (maps, pixels)   maps (N, *grid) registered onto the inputs of
+                                    batch rows `rows`, on their own pixels (voxels), as the pictures are:
+                                    (N, *largest) with NaN where the model input does not cover the input,
+                                    and bool (N, *largest) marking each input's own extent (eval's
+                                    localisation is scored there, against masks of the input's size)
     renderer(config, device)        what turns a batch's maps into pictures on the input, in parts
 a torch-free module of its files with `accepts(name) -> bool` for folder walks, and a torch-free module of
 its geometry for `hirescam compare`, reading where maps lie from the summary fields `describe` wrote:

@@ -115,17 +115,20 @@ class Images:
 
         return Renderer(config, device)
 
-    def masks_to_input(self, masks: Sequence[Tensor]) -> Tensor:
-        """Masks (H, W) bool of the originals through the same resize and crop -> bool (N, h, w) over the
-        model input."""
-        pre = self.preprocess
-        geometry = Preprocess(pre.resize, pre.crop, (0.0,) * 3, (1.0,) * 3, crop_rounding=pre.crop_rounding)
-        return torch.stack(
-            [
-                geometry(torch.as_tensor(m).to(torch.uint8).mul(255).expand(3, -1, -1))[0][0] > 0.5
-                for m in masks
-            ]
-        )
+    def to_original(self, maps: Tensor, views: PictureViews, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Maps (N, h, w) registered onto the original pictures of batch rows `rows` through the crop box,
+        as the overlays are (bilinear, `image_overlays.register`): (N, H, W) over the largest of those
+        pictures, NaN on pixels the model input does not cover; and bool (N, H, W), each picture's own
+        pixels (False on the padding beyond a smaller one)."""
+        from .image_overlays import register
+
+        sizes = torch.tensor([views.sizes[row] for row in rows], device=maps.device).view(-1, 2)
+        height, width = sizes.amax(0).tolist()
+        resampled, inside = register(maps[:, None], views.boxes[list(rows)], range(height), width)
+        ys = torch.arange(height, device=maps.device)[None, :, None]
+        xs = torch.arange(width, device=maps.device)[None, None, :]
+        pixels = (ys < sizes[:, 0, None, None]) & (xs < sizes[:, 1, None, None])
+        return resampled[:, 0].masked_fill(~inside, torch.nan), pixels
 
 
 def overlay_size(height: int, width: int, max_side: int) -> tuple[int, int]:
