@@ -222,7 +222,6 @@ class Chunks:
         self.labels: list[str] = list(self.old["labels"] if self.old else [])
         self.label_ids = {label: i for i, label in enumerate(self.labels)}
         self.thumbs = Thumbnails(folder / "thumbs", workers)
-        self.root_fd = os.open(ledger.root, os.O_RDONLY | os.O_DIRECTORY)
         self.table: list[list[Any]] = []  # [cards, manifest, count] per chunk
         self.status: list[str] = []  # per chunk, its inputs' letters
         self.open: list[Item] = []  # the chunk being filled
@@ -231,9 +230,14 @@ class Chunks:
         self.sweep = self.old is None and bool(self.thumbs.listing())  # unknown thumbnails: check them all
         self.regular = True  # the ledger's keys increase: no two cards share a thumbnail
         self.totals = Totals()
-        self.index = IndexWriter(folder / "index.js")
 
     def __enter__(self) -> "Chunks":
+        self.root_fd = os.open(self.ledger.root, os.O_RDONLY | os.O_DIRECTORY)  # deps are relative to OUT
+        try:
+            self.index = IndexWriter(self.folder / "index.js")
+        except BaseException:
+            os.close(self.root_fd)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
