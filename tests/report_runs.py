@@ -43,7 +43,8 @@ def explain_with_report(root: Path, count: int = 5) -> Path:
 
 def many_inputs(base: Path, out: Path, count: int, seed: int = 0) -> Path:
     """OUT with `count` inputs of unique keys, copies of `base`'s explained ones (pictures hard-linked)
-    with varied numbers, so that sorting reorders them; every 50th input failed."""
+    with varied numbers, so that sorting reorders them (Pearson r: negative ones, ties, missing ones);
+    every 50th input failed."""
     rng = np.random.default_rng(seed)
     records = [json.loads(line) for line in (base / "results.jsonl").read_text().splitlines()]
     summaries = [json.loads((base / r["summary"]).read_text()) for r in records if r["status"] == "ok"]
@@ -57,7 +58,8 @@ def many_inputs(base: Path, out: Path, count: int, seed: int = 0) -> Path:
         (out / key).mkdir(parents=True)
         for target in summary["targets"]:
             target["probability"] = float(rng.uniform(0.5, 1.0))
-            target["agreement"] = {"pearson": float(rng.uniform(0.2, 1.0)), "top20_iou": float(rng.random())}
+            pearson = None if n % 13 == 0 else round(float(rng.uniform(-0.5, 1.0)), 1)  # ties, missing ones
+            target["agreement"] = {"pearson": pearson, "top20_iou": float(rng.random())}
             for entry in target["maps"].values():
                 name = entry["png"].rsplit("/", 1)[1]
                 os.link(base / entry["png"], out / key / name)

@@ -535,3 +535,16 @@ def test_a_damaged_manifest_rebuilds_what_it_described(many, monkeypatch, tmp_pa
     assert len(seen["summaries"]) == count and seen["lines"] == 130  # the ledger told what it held
     assert report_data(many) == data
     assert_as_from_scratch(many, tmp_path)
+
+
+def test_a_summary_listed_twice_keeps_the_thumbnails_both_cards_use(out):
+    lines = (out / "results.jsonl").read_text().splitlines()
+    first_ok = next(line for line in lines if json.loads(line)["status"] == "ok")
+    (out / "results.jsonl").write_text("\n".join([first_ok, *lines]) + "\n")
+    write_report(out)
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")  # one of the two is gone
+    write_report(out)
+    data = report_data(out)
+    assert len(data["images"]) == len(lines)
+    used = {name for image in data["images"] for name in cards.thumbnails_of(image)}
+    assert used == thumbs(out)

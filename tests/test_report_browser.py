@@ -263,6 +263,15 @@ def test_a_page_beyond_the_first_chunk(browser, many_out):
         page.close()
 
 
+MISSING = 2.0  # sorts after every Pearson r and IoU
+
+
+def lowest(image: dict, number: str) -> float:
+    """The lowest of a number over an image's targets, MISSING when none has it."""
+    values = [t[number] for t in image["t"] if t[number] is not None]
+    return min(values) if values else MISSING
+
+
 def test_a_sort_that_reorders_across_chunks(browser, many_out):
     data = report_data(many_out)
     page = Page(browser, (many_out / "report" / "index.html").as_uri())
@@ -275,6 +284,13 @@ def test_a_sort_that_reorders_across_chunks(browser, many_out):
         assert len({chunk_of(data)[i] for i in expected[:PAGE_SIZE]}) > 6
         probabilities = page.page.locator("li.card").first.locator(".prob").all_inner_texts()
         assert f"p {fixed(best[expected[0]], 3)}" in probabilities
+        page.page.select_option("#sort", "disagreement")
+        explained = [i for i in data["images"] if i.get("t")]
+        r = {i["i"]: lowest(i, "r") for i in explained}
+        order = sorted(r, key=lambda i: (r[i], lowest(data["images"][i], "u"), i))
+        assert MISSING in r.values() and min(r.values()) < 0 and len(set(r.values())) < len(r)  # ties
+        assert page.cards() == order[:PAGE_SIZE] and order[:PAGE_SIZE] != sorted(order[:PAGE_SIZE])
+        page.page.select_option("#sort", "probability")
         page.page.click("#next")
         assert page.cards() == expected[PAGE_SIZE : 2 * PAGE_SIZE]
         page.page.reload()

@@ -223,7 +223,6 @@ class Chunks:
         self.label_ids = {label: i for i, label in enumerate(self.labels)}
         self.thumbs = Thumbnails(folder / "thumbs", workers)
         self.table: list[list[Any]] = []  # [cards, manifest, count] per chunk
-        self.status: list[str] = []  # per chunk, its inputs' letters
         self.open: list[Item] = []  # the chunk being filled
         self.pending: list[Pending] = []
         self.unused: set[str] = set()  # thumbnails of the last report no card uses now
@@ -280,8 +279,8 @@ class Chunks:
                 if chunk.unchanged(self.root_fd):
                     self._keep(chunk)
                 else:
-                    for old in chunk.items:
-                        self._add(self._refresh(old.line, old))
+                    for item in chunk.items:
+                        self._add(self._refresh(item.line, item))
         else:
             merge = Merge(
                 (item for chunk in self._old_chunks(strict=False) for item in chunk.items), self._drop

@@ -67,33 +67,62 @@
     "probability-low": [[3, 1]],
     gap: [[6, -1]],
   };
-  const columns = {};
-  function column(k) {
-    if (!columns[k]) {
-      const values = new Float64Array(total);
-      for (let i = 0; i < total; i++) values[i] = rows[i][k] === null ? NaN : rows[i][k];
-      columns[k] = values;
+  const HIGH = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1 ? 1 : 0; // the word with a double's sign
+  function words(k, direction) {
+    // Two 32-bit words per input whose order (high, then low) is that of column k (reversed for direction
+    // -1); a missing value gets all ones, which no number does, so it sorts last either way.
+    const high = new Uint32Array(total), low = new Uint32Array(total);
+    const number = new Float64Array(1), bits = new Uint32Array(number.buffer);
+    for (let i = 0; i < total; i++) {
+      const v = rows[i][k];
+      if (v === null) {
+        high[i] = low[i] = 0xffffffff;
+        continue;
+      }
+      number[0] = v === 0 ? 0 : v; // -0 as 0
+      let h = bits[HIGH], l = bits[1 - HIGH];
+      if (h & 0x80000000) { // negative: larger magnitudes first
+        h = ~h;
+        l = ~l;
+      } else {
+        h |= 0x80000000;
+      }
+      high[i] = direction < 0 ? ~h : h;
+      low[i] = direction < 0 ? ~l : l;
     }
-    return columns[k];
+    return [high, low];
+  }
+  function radixSort(order, word) {
+    // Stable: ties keep the order they come in; 16 bits a pass.
+    const count = new Uint32Array(65536);
+    const n = order.length;
+    let from = order, to = new Uint32Array(n);
+    for (let shift = 0; shift < 32; shift += 16) {
+      count.fill(0);
+      for (let k = 0; k < n; k++) count[(word[from[k]] >>> shift) & 0xffff]++;
+      for (let d = 0, sum = 0; d < 65536; d++) {
+        const c = count[d];
+        count[d] = sum;
+        sum += c;
+      }
+      for (let k = 0; k < n; k++) {
+        const i = from[k];
+        to[count[(word[i] >>> shift) & 0xffff]++] = i;
+      }
+      const done = to;
+      to = from;
+      from = done;
+    }
+    return from;
   }
   const sorted = {};
   function sortedIndices(name) {
     if (sorted[name]) return sorted[name];
-    const order = new Uint32Array(total);
+    let order = new Uint32Array(total);
     for (let i = 0; i < total; i++) order[i] = i;
-    const spec = SORTS[name];
-    if (spec) {
-      const keys = spec.map(([k, direction]) => [column(k), direction]);
-      order.sort((a, b) => {
-        for (const [values, direction] of keys) {
-          const x = values[a], y = values[b];
-          if (x === y) continue;
-          if (x !== x) return y !== y ? 0 : 1; // NaN: missing
-          if (y !== y) return -1;
-          return direction * (x - y);
-        }
-        return a - b;
-      });
+    for (const [k, direction] of [...(SORTS[name] || [])].reverse()) { // least significant key first
+      const [high, low] = words(k, direction);
+      order = radixSort(radixSort(order, low), high);
     }
     return (sorted[name] = order);
   }
