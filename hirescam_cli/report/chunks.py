@@ -5,10 +5,11 @@ Besides index.html and thumbs/, OUT/report/ holds:
                  order and the page's facts: the one data file the page loads first;
   cards/D.js     the card records of one chunk of consecutive inputs, which the page loads when it
                  shows one of them (script files, so that they load from file:// and any static host);
-  chunks/M.json  a chunk's manifest: the files its cards were built from (summaries, pictures) with a
-                 digest of their sizes and mtimes, each input's ledger line, the index rows, tallies;
-  manifest.json  the chunks in order, the tables their records refer to (methods, labels) and the size
-                 and mtime of the results.jsonl they were made from.
+  chunks/M.json  a chunk's manifest, what its summaries contributed: the files its cards were built
+                 from (summaries, pictures) with a digest of their sizes and mtimes, the index rows,
+                 which inputs failed and tallies;
+  manifest.json  the chunks in order, the tables their records refer to (methods, labels), and the
+                 results.jsonl they were made from: its size and mtime, its statuses.
 The files under cards/ and chunks/ are named by a digest of their contents. A chunk ends after an
 input whose identity hashes to a boundary (or at CHUNK_MAX inputs), so an input added or removed
 changes its own chunk only. A report reads a summary again only when a file its card was built from
@@ -92,20 +93,21 @@ class OldChunk:
             self.has_cards and _stamps_digest(_stamps(self.header["deps"], root_fd)) == self.header["stamp"]
         )
 
-    @cached_property
-    def items(self) -> list["OldItem"]:
+    def items(self, letters: str = "") -> list["OldItem"]:
+        """Its inputs, with their ledger's status letters when known (else "ok")."""
         deps, at, items = self.header["deps"], 0, []
-        for offset, (letter, identity, error, count, digest) in enumerate(json.loads(self.header["items"])):
-            line = (
-                Line("error", shown=identity, error=error)
-                if letter == "e"
-                else Line(STATUSES[letter], identity)
-            )
-            items.append(
-                OldItem(self, offset, line, self.header["status"][offset], deps[at : at + count], digest)
-            )
+        for offset, (identity, error, count, digest) in enumerate(json.loads(self.header["items"])):
+            if error is not None:  # failed in the ledger
+                line = Line("error", shown=identity, error=error)
+            else:
+                line = Line(STATUSES[letters[offset]] if letters else "ok", identity)
+            items.append(OldItem(self, offset, line, offset in self.errors, deps[at : at + count], digest))
             at += count
         return items
+
+    def status(self, letters: str) -> str:
+        """Its inputs' statuses, from their ledger's: "e" where a summary could not be read."""
+        return "".join("e" if offset in self.errors else letter for offset, letter in enumerate(letters))
 
     @cached_property
     def rows(self) -> list[list[Any]]:
@@ -127,7 +129,7 @@ class OldItem:
     chunk: OldChunk
     offset: int
     line: Line
-    status: str  # its letter
+    failed: bool  # in the ledger, or its summary could not be read
     deps: list[str]
     stamp: str  # digest of the deps' sizes and mtimes
 
@@ -223,6 +225,7 @@ class Chunks:
         self.label_ids = {label: i for i, label in enumerate(self.labels)}
         self.thumbs = Thumbnails(folder / "thumbs", workers)
         self.table: list[list[Any]] = []  # [cards, manifest, count] per chunk
+        self.letters: list[str] = []  # per chunk, the ledger's statuses of its inputs
         self.open: list[Item] = []  # the chunk being filled
         self.pending: list[Pending] = []
         self.unused: set[str] = set()  # thumbnails of the last report no card uses now
@@ -274,16 +277,18 @@ class Chunks:
             and self.ledger.stamp is not None
             and self.ledger.stamp == old["ledger"]
         ):
-            self.regular = old["regular"]
+            self.regular, at = old["regular"], 0
             for chunk in self._old_chunks(strict=True):  # the same inputs as last time: check their files
+                letters = old["statuses"][at : at + chunk.header["count"]]
+                at += len(letters)
                 if chunk.unchanged(self.root_fd):
-                    self._keep(chunk)
+                    self._keep(chunk, letters)
                 else:
-                    for item in chunk.items:
+                    for item in chunk.items(letters):
                         self._add(self._refresh(item.line, item))
         else:
             merge = Merge(
-                (item for chunk in self._old_chunks(strict=False) for item in chunk.items), self._drop
+                (item for chunk in self._old_chunks(strict=False) for item in chunk.items()), self._drop
             )
             self.regular = old is None or old["regular"]  # a merge of two ledgers in key order is exact
             previous = None
@@ -301,7 +306,7 @@ class Chunks:
         if old is not None and old.chunk.has_cards:
             stamps = _stamps(old.deps, self.root_fd)
             if _stamps_digest(stamps) == old.stamp:
-                status = old.status if old.status == "e" else LETTERS[line.status]
+                status = "e" if old.failed else LETTERS[line.status]
                 return Item(line, status, old.deps, stamps, old.chunk.rows[old.offset], old=old)
         item, names = self._build(line)
         if old is not None:
@@ -343,75 +348,59 @@ class Chunks:
         if zlib.crc32(item.line.identity.encode()) % CHUNK_MEAN == 0 or len(self.open) >= CHUNK_MAX:
             self._close()
 
-    def _keep(self, chunk: OldChunk) -> None:
-        """An unchanged chunk: its files stay as they are."""
-        self._close()
-        header = chunk.header
+    def _keep(self, chunk: OldChunk, letters: str) -> None:
+        """A chunk whose inputs are the last report's: its files stay as they are (`letters`: their
+        ledger's statuses)."""
         if self.totals.first_summary is None:
             self.totals.first_summary = next(
-                (old.line.summary for old in chunk.items if old.status != "e"), None
+                (old.line.summary for old in chunk.items(letters) if not old.failed), None
             )
-        self._tally(header, lambda offset: chunk.cards[offset])
-        self.table.append([chunk.cards_name, chunk.manifest_name, len(header["status"])])
+        self._tally(chunk.header, letters, chunk.status(letters), lambda offset: chunk.cards[offset])
+        self.table.append([chunk.cards_name, chunk.manifest_name, len(letters)])
 
     def _close(self) -> None:
         """The open chunk is complete: its rows go to the index now, its cards once their thumbnails exist."""
         items, self.open = self.open, []
         if not items:
             return
+        letters = "".join(LETTERS[item.line.status] for item in items)
         status = "".join(item.status for item in items)
-        olds = [item.old for item in items]
-        first = olds[0]
-        if (  # the same inputs as one chunk of the last report: only the ledger's statuses changed
-            all(item.card is None for item in items)
-            and [(old.chunk, old.offset) for old in olds] == [(first.chunk, k) for k in range(len(items))]
-            and len(first.chunk.header["status"]) == len(items)
+        chunk = items[0].old and items[0].old.chunk
+        if (  # the inputs of one chunk of the last report, each as it was
+            all(
+                item.card is None and item.old.chunk is chunk and item.old.offset == k
+                for k, item in enumerate(items)
+            )
+            and chunk.header["count"] == len(items)
         ):
-            chunk = first.chunk
-            if status == chunk.header["status"]:
-                self._keep(chunk)
-                return
-            header = {**chunk.header, "status": status, "items": self._items_text(items)}
-            self._tally(header, lambda offset: items[offset].record())
-            self.table.append([chunk.cards_name, self._write_manifest(header), len(items)])
+            self._keep(chunk, letters)
             return
         rows = [item.row for item in items]
         header = {
             "cards": None,
+            "count": len(items),
             "deps": [dep for item in items for dep in item.deps],
             "stamp": _stamps_digest([s for item in items for s in item.stamps]),
             "rows": _dumps(rows)[1:-1],
-            "status": status,
             "labels": sorted(collections.Counter(i for row in rows for i in row[1]).items()),
             "none": sum(1 for row, letter in zip(rows, status, strict=True) if letter != "e" and not row[1]),
             "errors": [[k, *item.error()] for k, item in enumerate(items) if item.status == "e"],
-            "items": self._items_text(items),
+            "items": _dumps(
+                [[i.line.identity, i.line.error, len(i.deps), _stamps_digest(i.stamps)] for i in items]
+            ),
         }
-        self._tally(header, lambda offset: items[offset].record())
+        self._tally(header, letters, status, lambda offset: items[offset].record())
         entry = [None, None, len(items)]
         self.table.append(entry)
         self.pending.append(Pending(items, header, entry))
         if not self.thumbs.jobs or len(self.thumbs.jobs) >= FLUSH_JOBS or len(self.pending) >= FLUSH_CHUNKS:
             self._flush()
 
-    @staticmethod
-    def _items_text(items: list[Item]) -> str:
-        return _dumps(
-            [
-                [
-                    LETTERS[item.line.status],
-                    item.line.identity,
-                    item.line.error,
-                    len(item.deps),
-                    _stamps_digest(item.stamps),
-                ]
-                for item in items
-            ]
-        )
-
-    def _tally(self, header: dict[str, Any], record) -> None:
-        """Count a chunk's inputs in the totals and pass its rows and statuses to the index."""
-        totals, status, start = self.totals, header["status"], self.totals.inputs
+    def _tally(self, header: dict[str, Any], letters: str, status: str, record) -> None:
+        """Count a chunk's inputs in the totals and pass its rows and statuses to the index
+        (`letters`: the ledger's statuses, `status`: the page's)."""
+        totals, start = self.totals, self.totals.inputs
+        self.letters.append(letters)
         self.index.add(header["rows"], status)
         totals.inputs += len(status)
         for name, letter in LETTERS.items():
@@ -461,6 +450,7 @@ class Chunks:
             "version": VERSION,
             "context": self.context,
             "ledger": self.ledger.stamp,
+            "statuses": "".join(self.letters),
             "regular": self.regular,
             "methods": self.methods,
             "labels": self.labels,
