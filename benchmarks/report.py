@@ -132,7 +132,10 @@ def vary(summary: dict, rng: random.Random) -> None:
     for target in summary["targets"]:
         target["probability"] = round(rng.uniform(0.5, 1.0), 6)
         target["completeness_gap"] = rng.gauss(0, 1e-6)
-        target["agreement"] = {"pearson": round(rng.uniform(0.2, 1.0), 6), "top20_iou": round(rng.random(), 6)}
+        target["agreement"] = {
+            "pearson": round(rng.uniform(0.2, 1.0), 6),
+            "top20_iou": round(rng.random(), 6),
+        }
 
 
 def explain_again(out: Path, count: int, rng: random.Random) -> None:
@@ -213,11 +216,15 @@ def browser_timings(index: Path, loads: int) -> dict[str, float]:
 def row(name: str, figures: dict[str, float] | list[dict[str, float]]) -> str:
     if isinstance(figures, list):
         figures = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
-    return f"{name:40s} {figures['wall']:7.2f} {figures['cpu']:7.2f} {figures['mb']:8.1f} {figures['load']:6.1f}"
+    return (
+        f"{name:40s} {figures['wall']:7.2f} {figures['cpu']:7.2f} {figures['mb']:8.1f} {figures['load']:6.1f}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--side", type=int, default=0, help="scale the samples to this longest side first")
     parser.add_argument("--changed", type=int, default=100, help="inputs re-explained before a report")
@@ -233,7 +240,9 @@ def main() -> None:
         overlays = [p for p in out.glob("batch0/*/*-*.png") if p.is_file()]
         pictures = round(len(overlays) * args.images / min(500, args.images))
         width, height = Image.open(overlays[0]).size
-        print(f"{args.images} inputs, about {pictures} overlays (e.g. {width}x{height}), {os.cpu_count()} CPUs")
+        print(
+            f"{args.images} inputs, about {pictures} overlays (e.g. {width}x{height}), {os.cpu_count()} CPUs"
+        )
         rng = random.Random(1)
         rounds: dict[str, list[dict[str, float]]] = {"unchanged": [], "changed": [], "resumed": []}
         for n in range(args.repeat):
@@ -254,14 +263,18 @@ def main() -> None:
         if smaller:
             print(row(f"nothing changed, a run of {compare} inputs", smaller))
         print(row("hirescam --version (the imports)", imports))
-        print(f"(medians of {args.repeat} rounds, interleaved; load: 1-minute load average during the command)")
+        print(
+            f"(medians of {args.repeat} rounds, interleaved; load: 1-minute load average during the command)"
+        )
         report = out / "report"
-        size = {name: sum(p.stat().st_size for p in (report / name).iterdir()) for name in ("cards", "chunks")}
+        size = {
+            name: sum(p.stat().st_size for p in (report / name).iterdir()) for name in ("cards", "chunks")
+        }
         files = {name: len(os.listdir(report / name)) for name in size}
-        index = (report / "index.js").stat().st_size
+        index, html = (report / "index.js").stat().st_size, (report / "index.html").stat().st_size
         print(
             f"index.js {index / 2**20:.1f} MB ({index / args.images:.0f} bytes per input), "
-            f"index.html {(report / 'index.html').stat().st_size / 1024:.0f} KB; cards: {files['cards']} files, "
+            f"index.html {html / 1024:.0f} KB; cards: {files['cards']} files, "
             f"{size['cards'] / 2**20:.0f} MB; manifests: {size['chunks'] / 2**20:.0f} MB"
         )
         if not Path(CHROMIUM).exists():
@@ -269,7 +282,8 @@ def main() -> None:
             return
         load = os.getloadavg()[0]
         times = browser_timings(report / "index.html", args.loads)
-        print(f"in Chromium (median of {args.loads} loads; load average {load:.1f} -> {os.getloadavg()[0]:.1f}):")
+        loads = f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}"
+        print(f"in Chromium (median of {args.loads} loads; {loads}):")
         print(f"  first page, navigation -> interactive   {times['ready'] * 1000:7.0f} ms")
         print(f"    the same by the page's own clock       {times['in_page'] * 1000:7.0f} ms")
         print(f"  first page, navigation -> load event    {times['load'] * 1000:7.0f} ms")

@@ -16,7 +16,15 @@ import pytest
 from PIL import Image
 from report_runs import MALICIOUS, cli, many_inputs, report_data, shared_run
 
-from hirescam_cli.report import ReportError, cards, chunks, run_files, write_eval_page, write_report
+from hirescam_cli.report import (
+    ReportError,
+    cards,
+    chunks,
+    gallery,
+    run_files,
+    write_eval_page,
+    write_report,
+)
 from hirescam_cli.report.chunks import PAGE_SIZE
 from hirescam_cli.report.site import exponent, fixed, method_name
 from hirescam_cli.report.thumbnails import THUMB_SIDE, VIEW_SIDE
@@ -426,7 +434,8 @@ def spy(monkeypatch) -> dict:
         seen["lines"] += 1
         return line(record)
 
-    monkeypatch.setattr(cards, "read_summary", reading)
+    for module in (cards, gallery):
+        monkeypatch.setattr(module, "read_summary", reading)
     monkeypatch.setattr(run_files, "_line", parsing)
     return seen
 

@@ -62,9 +62,12 @@ def _write(folder: Path, ledger: Ledger, configured: list[str], workers: int, re
     return folder / "index.html"
 
 
+SUMMARY_FACTS = ("model", "target_layer", "layout", "guarantee")  # in run.json, else in every summary
+
+
 def _first_summary(ledger: Ledger, totals: Totals) -> dict[str, Any]:
-    """The first input's summary: the facts of a run that did not write run.json come from it."""
-    if totals.first_summary is None:
+    """The first input's summary, when run.json lacks facts that it holds (a run that did not finish)."""
+    if totals.first_summary is None or all(ledger.info.get(fact) is not None for fact in SUMMARY_FACTS):
         return {}
     return read_summary(ledger.root, totals.first_summary)[0] or {}
 
