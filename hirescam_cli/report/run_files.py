@@ -78,6 +78,45 @@ def read_ledger(out: Path) -> Ledger:
     return Ledger(root, info or {}, (Line("ok", path) for path in summaries), None, notes)
 
 
+@dataclass
+class Entry:
+    """One input of a run with its summary read (what `hirescam compare` works on), in input order."""
+
+    index: int
+    name: str  # its key under OUT, or the input as shown when it has none (a failed input)
+    status: str  # ok | skipped | error
+    input: str
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+
+
+@dataclass
+class Run:
+    """A whole run in memory: its facts, every input with its summary, and what was odd about its files."""
+
+    root: Path
+    info: dict[str, Any]
+    entries: list[Entry]
+    notes: list[str]
+
+
+def read_run(out: Path) -> Run:
+    """The run in OUT with every summary read; ReportError when OUT holds none."""
+    ledger = read_ledger(out)
+    entries = []
+    for index, line in enumerate(ledger.lines):
+        if line.status == "error":
+            entries.append(Entry(index, line.shown, "error", line.shown, error=line.error))
+            continue
+        summary, error = read_summary(ledger.root, line.summary)
+        if summary is None:
+            entries.append(Entry(index, line.key or line.shown, "error", line.shown, error=error))
+        else:
+            name = str(summary.get("key", line.key))
+            entries.append(Entry(index, name, line.status, line.shown, summary=summary))
+    return Run(ledger.root, ledger.info, entries, ledger.notes)
+
+
 def _read_json(path: Path, notes: list[str], what: str) -> Any:
     try:
         return json.loads(path.read_bytes())
