@@ -546,6 +546,20 @@ def test_a_damaged_manifest_rebuilds_what_it_described(many, monkeypatch, tmp_pa
     assert_as_from_scratch(many, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["statuses", "chunks", "not an object"])
+def test_a_manifest_of_another_shape_is_rebuilt_not_a_traceback(many, tmp_path, damage):
+    data, path = report_data(many), many / "report" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "not an object":
+        manifest = [manifest]
+    else:
+        del manifest[damage]  # as a report of another format left it
+    path.write_text(json.dumps(manifest))
+    write_report(many)
+    assert report_data(many) == data
+    assert_as_from_scratch(many, tmp_path)
+
+
 def test_a_summary_listed_twice_keeps_the_thumbnails_both_cards_use(out):
     lines = (out / "results.jsonl").read_text().splitlines()
     first_ok = next(line for line in lines if json.loads(line)["status"] == "ok")

@@ -44,6 +44,7 @@ FAILURES_LISTED = 1000  # failed inputs listed in index.html itself (the gallery
 LETTERS = {"ok": "o", "skipped": "s", "error": "e"}  # statuses, one letter per input in index.js
 STATUSES = {letter: status for status, letter in LETTERS.items()}
 CARDS_CALL = "window.HIRESCAM_CARDS("
+MANIFEST_KEYS = {"ledger", "statuses", "regular", "methods", "labels", "chunks"}  # besides version, context
 
 
 def _digest(data: bytes) -> str:
@@ -253,7 +254,10 @@ class Chunks:
         except (OSError, ValueError):
             return None
         current = (
-            isinstance(old, dict) and old.get("version") == VERSION and old.get("context") == self.context
+            isinstance(old, dict)
+            and old.get("version") == VERSION
+            and old.get("context") == self.context
+            and old.keys() >= MANIFEST_KEYS
         )
         return old if current and (self.folder / "thumbs").is_dir() else None
 
