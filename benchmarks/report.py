@@ -98,7 +98,7 @@ def synthetic_out(base: Path, work: Path, count: int) -> Path:
     summaries = [json.loads((base / r["summary"]).read_text()) for r in records if r["status"] == "ok"]
     lines = []
     for n in range(count):
-        key = f"batch{n // 500}/img_{n:05d}.png"
+        key = f"batch{n // 500:04d}/img_{n:06d}.png"  # the ledger in key order, as a run writes it
         if n % 100 == 57:
             lines.append(
                 {"input": str(inputs / key), "status": "error", "error": "corrupt image header: synthetic"}
@@ -237,7 +237,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         work = args.work or Path(temp)
         out, full = prepared(work / str(args.images), args.images, args.side)
-        overlays = [p for p in out.glob("batch0/*/*-*.png") if p.is_file()]
+        batch = min(p for p in out.iterdir() if p.name.startswith("batch"))  # the first 500 inputs
+        overlays = [p for p in batch.glob("*/*-*.png") if p.is_file()]
         pictures = round(len(overlays) * args.images / min(500, args.images))
         width, height = Image.open(overlays[0]).size
         print(

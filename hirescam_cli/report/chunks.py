@@ -232,6 +232,7 @@ class Chunks:
         self.unused: set[str] = set()  # thumbnails of the last report no card uses now
         self.sweep = self.old is None and bool(self.thumbs.listing())  # unknown thumbnails: check them all
         self.regular = True  # the ledger's keys increase: no two cards share a thumbnail
+        self.changed = False  # a card was built or dropped: the thumbnails in use may differ
         self.totals = Totals()
 
     def __enter__(self) -> "Chunks":
@@ -339,6 +340,7 @@ class Chunks:
 
     def _drop(self, old: OldItem, keep) -> None:
         """The last report's version of an input is gone: so are its thumbnails that are not in `keep`."""
+        self.changed = True
         if not old.chunk.has_cards:
             self.sweep = True
             return
@@ -379,6 +381,7 @@ class Chunks:
         ):
             self._keep(chunk, letters)
             return
+        self.changed = True
         rows = [item.row for item in items]
         header = {
             "cards": None,
@@ -477,7 +480,7 @@ class Chunks:
                 if name.rsplit(".", 1)[0] not in used:
                     (self.folder / sub / name).unlink(missing_ok=True)
         (self.folder / "data.js").unlink(missing_ok=True)
-        if self.sweep or not self.regular:
+        if self.sweep or (self.changed and not self.regular):  # unchanged: the same thumbnails in use
             used = set()
             for cards, _, _ in self.table:
                 for record in read_cards(self.folder / "cards" / f"{cards}.js"):
