@@ -33,6 +33,7 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 1010})
             page.goto((out / "report" / "index.html").as_uri() + "#sort=disagreement")
             page.wait_for_selector("html[data-ready]")
+            page.wait_for_selector("#cards[aria-busy='false']", state="attached")  # the sorted cards are in
             page.evaluate(
                 "Promise.all([...document.images].map(i => { i.loading = 'eager'; return i.decode(); }))"
             )

@@ -3,8 +3,9 @@
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from .batches import InputDataset, make_loader
@@ -19,17 +20,52 @@ from .report import write_eval_page
 from .session import Session
 
 FIDELITY = ("rank_correlation", "unused_mass", "missed_evidence")
-LOCALISATION = ("energy", "pointing", "iou", "deletion_auc", "insertion_auc")
-METRIC_INFO = {  # name -> (label, which way is better)
-    "rank_correlation": ("rank correlation with occlusion", "higher"),
-    "unused_mass": ("mass on unused locations", "lower"),
-    "missed_evidence": ("missed evidence", "lower"),
-    "energy": ("energy in mask", "higher"),
-    "pointing": ("pointing game", "higher"),
-    "iou": ("top-20% IoU", "higher"),
-    "deletion_auc": ("deletion AUC", "lower"),
-    "insertion_auc": ("insertion AUC", "higher"),
+LOCALISATION = ("pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "roc_auc")
+PIXEL_DELETION = ("deletion_auc", "insertion_auc")
+
+
+class Metric(NamedTuple):
+    """What eval.json's `metrics` says of one metric."""
+
+    label: str
+    better: str  # "higher" or "lower"
+    space: str  # where it is computed: the layer's grid, the model input, or the original input
+    reference: str  # the published notion it is (or this project's own)
+
+
+OWN = "hirescam-cli's layer-occlusion test (docs/faithfulness.md)"
+METRICS = {
+    "rank_correlation": Metric("rank correlation with occlusion", "higher", "layer grid", OWN),
+    "unused_mass": Metric("mass on unused locations", "lower", "layer grid", OWN),
+    "missed_evidence": Metric("missed evidence", "lower", "layer grid", OWN),
+    "pointing_game": Metric(
+        "pointing game",
+        "higher",
+        "original",
+        "Zhang et al. 2018 pointing game, no tolerance (quantus.PointingGame)",
+    ),
+    "relevance_mass_accuracy": Metric(
+        "relevance mass accuracy",
+        "higher",
+        "original",
+        "Arras et al. 2022 relevance mass accuracy, of the positive map (quantus.RelevanceMassAccuracy)",
+    ),
+    "relevance_rank_accuracy": Metric(
+        "relevance rank accuracy",
+        "higher",
+        "original",
+        "Arras et al. 2022 relevance rank accuracy (quantus.RelevanceRankAccuracy)",
+    ),
+    "roc_auc": Metric(
+        "ROC AUC against the mask",
+        "higher",
+        "original",
+        "area under the ROC curve of the map as a score of mask pixels, Fawcett 2006 (quantus.AUC)",
+    ),
+    "deletion_auc": Metric("deletion AUC", "lower", "input", "Petsiuk et al. 2018 (RISE) deletion"),
+    "insertion_auc": Metric("insertion AUC", "higher", "input", "Petsiuk et al. 2018 (RISE) insertion"),
 }
+LOCALISATION_PIXELS = 2**22  # original pixels scored at once (pairs padded to the largest of them): ~250 MB
 SAMPLE_SEED = 0
 
 
@@ -55,12 +91,13 @@ def run_eval(
     resources = session.resources
     loader = make_loader(InputDataset(items, modality), resources.batch_size, resources.workers)
     score_fn = torch.sigmoid if session.multilabel else (lambda logits: torch.softmax(logits, -1))
-    names = FIDELITY + (LOCALISATION if masks is not None else ())
+    names = FIDELITY + (LOCALISATION + PIXEL_DELETION if masks is not None else ())
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in names} for m in METHODS}
     curves: dict[str, dict[str, list[torch.Tensor]]] = {m: {"deletion": [], "insertion": []} for m in METHODS}
     pair_classes: list[torch.Tensor] = []
     identical: list[torch.Tensor] = []
     problems: list[str] = []
+    empty: list[Path] = []
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
     grid = None
     progress = Progress(len(items), quiet=False)
@@ -77,8 +114,8 @@ def run_eval(
                     result = explainer(x, methods=tuple(METHODS), **choose)
                     valid = result.valid
                 else:
-                    rows, classes, truth, truth_rows = _mask_targets(
-                        modality, masks, batch, items, loaded.labels, problems
+                    rows, classes, truth = _mask_targets(
+                        modality, masks, batch, items, loaded.labels, problems, empty
                     )
                     if not rows:
                         continue
@@ -94,18 +131,18 @@ def run_eval(
             image_of = torch.arange(len(x), device=device)[:, None].expand_as(valid)[valid]
             pair_classes.append(targets.cpu())
             identical.append(result.identical_by_construction[valid].cpu())
-            truth_input = None
-            if truth:
-                truth_input = modality.masks_to_input(truth, batch.views, truth_rows).to(device)
-            for name, maps in result.maps.items():
-                maps = maps[valid]
-                for key, value in fidelity(maps, delta).items():
+            maps = {name: maps[valid] for name, maps in result.maps.items()}
+            for name, method_maps in maps.items():
+                for key, value in fidelity(method_maps, delta).items():
                     values[name][key].append(value.cpu())
-                if truth_input is None:
-                    continue
-                for key, value in localisation(maps, truth_input).items():
-                    values[name][key].append(value.cpu())
-                runs = deletion_insertion(model, x[image_of], targets, maps, score_fn=score_fn)
+            if truth is None:
+                continue
+            pair_rows = [rows[i] for i in image_of.tolist()]  # the batch row of each pair's input
+            for name, scores in _localise(modality, maps, truth, batch.views, pair_rows).items():
+                for key, value in scores.items():
+                    values[name][key].append(value)
+            for name, method_maps in maps.items():  # pixels deleted from the model input
+                runs = deletion_insertion(model, x[image_of], targets, method_maps, score_fn=score_fn)
                 for key in ("deletion", "insertion"):
                     values[name][f"{key}_auc"].append(runs[f"{key}_auc"].cpu())
                     curves[name][key].append(runs[key].cpu())
@@ -124,7 +161,7 @@ def run_eval(
         "pairs": len(classes),
         "masks": masks is not None,
         "methods": table,
-        "metrics": {k: {"label": METRIC_INFO[k][0], "better": METRIC_INFO[k][1]} for k in names},
+        "metrics": {k: METRICS[k]._asdict() for k in names},
         "per_class": _per_class(merged, classes, loaded.labels),
         "identical_by_construction": bool(flags.all()) if len(flags) else None,
         "occlusion": {
@@ -137,6 +174,10 @@ def run_eval(
         },
     }
     if masks is not None:
+        report["empty_masks"] = len(empty)
+        report["no_positive_mass"] = {
+            m: int(v["relevance_mass_accuracy"].isnan().sum()) for m, v in merged.items()
+        }
         report["curves"] = {
             m: {k: torch.cat(c).mean(0).tolist() if c else [] for k, c in parts.items()}
             for m, parts in curves.items()
@@ -154,26 +195,70 @@ def run_eval(
 
 
 def _mask_targets(
-    modality, masks: Path, batch, items: list[InputItem], labels: list[str], problems: list[str]
+    modality,
+    masks: Path,
+    batch,
+    items: list[InputItem],
+    labels: list[str],
+    problems: list[str],
+    empty: list[Path],
 ):
-    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks and their batch
-    rows in pair order. An input's masks are in MASKS/<modality.mask_folder(key)>/."""
-    rows, per_row, truth, truth_rows = [], [], [], []
+    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order. An
+    input's masks are in MASKS/<modality.mask_folder(key)>/; an input whose masks are all empty is left out
+    (the class is absent), one with none usable is a problem."""
+    rows, per_row, truth = [], [], []
     for row, index in enumerate(batch.indices):
         folder = masks / modality.mask_folder(items[index].key)
-        found = modality.load_masks(folder, labels, batch.views, row, problems)
-        if not found:
+        dropped = len(empty)
+        found = modality.load_masks(folder, labels, batch.views, row, problems, empty)
+        if not found and len(empty) == dropped:
             problems.append(f"{folder}: no usable mask for {items[index].key}")
-            continue
-        rows.append(row)
-        per_row.append(list(found))
-        truth += list(found.values())
-        truth_rows += [row] * len(found)
+        if found:
+            rows.append(row)
+            per_row.append(list(found))
+            truth += list(found.values())
     count = max((len(c) for c in per_row), default=0)
     classes = torch.full((len(rows), count), -1, dtype=torch.long)
     for row, found in enumerate(per_row):
         classes[row, : len(found)] = torch.tensor(found)
-    return rows, classes, truth, truth_rows
+    return rows, classes, truth
+
+
+def _localise(
+    modality, maps: dict[str, torch.Tensor], truth: list[np.ndarray], views, rows: list[int]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every method's localisation metrics (P,) of P pairs, scored on the original inputs: the modality
+    registers the maps (P, *grid) onto the inputs of batch rows `rows`, at the size of the masks `truth`."""
+    scores: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in maps}
+    for span in _spans([mask.shape for mask in truth], LOCALISATION_PIXELS):
+        masks = _padded(truth[span.start : span.stop])
+        for name, method_maps in maps.items():
+            registered, pixels = modality.to_original(method_maps[span], views, rows[span.start : span.stop])
+            for key, value in localisation(registered, masks, pixels).items():
+                scores[name].setdefault(key, []).append(value.cpu())
+    return {name: {k: torch.cat(v) for k, v in parts.items()} for name, parts in scores.items()}
+
+
+def _spans(shapes: list[tuple[int, ...]], budget: int) -> list[range]:
+    """Consecutive runs of pairs, each of at most `budget` pixels once padded to one shape (one pair at
+    least)."""
+    spans, start, bound = [], 0, None
+    for i, shape in enumerate(shapes):
+        grown = shape if bound is None else tuple(map(max, bound, shape))
+        if bound is not None and math.prod(grown) * (i + 1 - start) > budget:
+            spans.append(range(start, i))
+            start, grown = i, shape
+        bound = grown
+    return [*spans, range(start, len(shapes))]
+
+
+def _padded(masks: list[np.ndarray]) -> torch.Tensor:
+    """Masks of different shapes as one bool tensor (N, *largest), False beyond each one."""
+    shape = np.max([m.shape for m in masks], axis=0).tolist()
+    out = torch.zeros((len(masks), *shape), dtype=torch.bool)
+    for i, mask in enumerate(masks):
+        out[(i, *(slice(0, n) for n in mask.shape))] = torch.from_numpy(mask)
+    return out
 
 
 def _sample(
@@ -210,7 +295,7 @@ def _cell(summary: dict) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """The fidelity table, and with masks the localisation table, as Markdown on stdout."""
+    """The fidelity table, and with masks the localisation and deletion tables, as Markdown on stdout."""
     table, metrics = report["methods"], report["metrics"]
     occlusion = report["occlusion"]
     sampled = f"{occlusion['sampled']} sampled of " if occlusion["sampled"] else ""
@@ -225,7 +310,9 @@ def print_report(report: dict[str, Any]) -> None:
         )
     groups = [("Faithfulness to the model (layer occlusion)", FIDELITY)]
     if report["masks"]:
-        groups.append(("Localisation (masks) and pixel deletion / insertion", LOCALISATION))
+        dropped = f"; {report['empty_masks']} empty masks left out" if report["empty_masks"] else ""
+        groups.append((f"Localisation against the masks, on the original inputs{dropped}", LOCALISATION))
+        groups.append(("Pixel deletion / insertion, on the model input", PIXEL_DELETION))
     for title, keys in groups:
         print(f"\n{title}\n")
         header = [

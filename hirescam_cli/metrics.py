@@ -1,8 +1,9 @@
-"""Metrics for `hirescam eval`: localisation against masks, deletion/insertion, summaries.
+"""Metrics for `hirescam eval`: localisation against masks, deletion/insertion, fidelity, summaries.
 
-Every function is batched over N inputs and works on raw CAM maps (N, *grid) at the target
-layer's resolution, at any spatial rank (pictures (N, h, w), volumes (N, d, h, w)); they are upsampled
-(bi- or trilinearly) to the model input size where needed.
+Every function is batched over N (input, class) pairs, at any spatial rank (pictures (N, h, w), volumes
+(N, d, h, w)). Localisation takes maps already registered onto the masks' pixels (the modality's
+`to_original`); deletion/insertion take raw maps (N, *grid) at the target layer's resolution and upsample
+them (bi- or trilinearly) to the model input, whose pixels they delete; fidelity works on the layer's grid.
 """
 
 from __future__ import annotations
@@ -29,31 +30,64 @@ def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def localisation(
-    maps: torch.Tensor, masks: torch.Tensor, top_fraction: float = TOP_FRACTION
+    maps: torch.Tensor, masks: torch.Tensor, pixels: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Energy, pointing game and top-fraction IoU of each map against its mask, each (N,).
+    """Pointing game, relevance mass accuracy, relevance rank accuracy and ROC AUC of each map, each (N,).
 
-    energy: share of the positive (ReLU) map mass inside the mask, 0 for a map with none.
-    pointing: 1.0 if the map's peak pixel (first in row-major order on ties) is in the mask.
-    iou: IoU of the mask with the round(top_fraction * H * W) highest-valued pixels.
-    Images whose mask is empty get NaN in every metric (nothing to localise).
+    maps (N, *size) are at the masks' (N, *size) resolution. A NaN in a map marks a pixel the map does
+    not cover (cut off by the model input's crop): it carries no mass and ranks below every covered
+    pixel, tied with the other uncovered ones. `pixels` (N, *size) marks each picture's own pixels in a
+    padded batch (the rest is left out of everything); all of them by default.
+    pointing_game: 1 if a pixel holding the map's maximum lies in the mask, with tied maxima any one
+      of them (as quantus.PointingGame), else 0; a map constant over its covered pixels has no peak: 0.
+    relevance_mass_accuracy: the share of the positive (ReLU) map's mass inside the mask; NaN for a
+      map with no positive mass (0 / 0: undefined, left out of the mean).
+    relevance_rank_accuracy: the share of the map's |mask| highest pixels that lie in the mask; pixels
+      tied with the |mask|-th highest share its remaining places in proportion (their expected share
+      in a random order of the tie).
+    roc_auc: the probability that a random mask pixel outranks a random pixel outside it, ties counting
+      one half (the area under the ROC curve of the map as a score of mask membership); NaN when the
+      mask covers the whole picture.
+    Every metric is NaN for an empty mask (nothing to localise).
     """
-    masks = masks.bool()
-    heat = upsample(maps.to(masks.device), tuple(masks.shape[1:])).flatten(1)
-    flat = masks.flatten(1)
-    positive = heat.clamp(min=0)
+    n = len(maps)
+    values = maps.reshape(n, -1).float()
+    masks = masks.to(values.device).reshape(n, -1).bool()
+    pixels = torch.ones_like(masks) if pixels is None else pixels.to(values.device).reshape(n, -1).bool()
+    covered = pixels & ~values.isnan()
+    inside = masks & pixels
+    area = inside.sum(1)
+    ranked = torch.where(covered, values, -torch.inf)  # uncovered pixels and padding below all the rest
+
+    peak = ranked.amax(1, keepdim=True)
+    lowest = torch.where(covered, values, torch.inf).amin(1, keepdim=True)
+    pointing = ((ranked == peak) & inside).any(1) & (peak > lowest)[:, 0]
+
+    positive = torch.where(covered, values, 0.0).clamp_min(0).double()
     total = positive.sum(1)
-    inside = (positive * flat).sum(1)
-    energy = torch.where(total > 0, inside / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
-    pointing = flat.gather(1, heat.argmax(1, keepdim=True))[:, 0].float()
-    k = max(1, round(top_fraction * flat.shape[1]))
-    top = torch.zeros_like(flat).scatter_(1, heat.topk(k, dim=1).indices, True)
-    iou = (top & flat).sum(1) / (top | flat).sum(1)
-    empty = ~flat.any(1)
-    nan = torch.tensor(float("nan"), device=heat.device)
+    mass = torch.where(total > 0, (positive * inside).sum(1) / total.clamp_min(1e-300), torch.nan)
+
+    k = area.clamp_min(1)
+    threshold = ranked.sort(1, descending=True).values.gather(1, (k - 1)[:, None])
+    above = (ranked > threshold) & pixels
+    tied = (ranked == threshold) & pixels
+    share = (tied & inside).sum(1).double() / tied.sum(1).clamp_min(1)
+    rank = ((above & inside).sum(1) + (k - above.sum(1)) * share) / k
+
+    ranks = average_ranks(ranked, pixels)  # 0-based, ties sharing their mean rank
+    outside = pixels.sum(1) - area
+    wins = (ranks * inside).sum(1) - area * (area - 1) / 2.0
+    auc = torch.where(outside > 0, wins / (area * outside).clamp_min(1), torch.nan)
+
+    empty = area == 0
     return {
-        name: torch.where(empty, nan, value.float())
-        for name, value in (("energy", energy), ("pointing", pointing), ("iou", iou))
+        name: torch.where(empty, torch.nan, value.float())
+        for name, value in (
+            ("pointing_game", pointing),
+            ("relevance_mass_accuracy", mass),
+            ("relevance_rank_accuracy", rank),
+            ("roc_auc", auc),
+        )
     }
 
 

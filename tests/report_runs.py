@@ -2,12 +2,16 @@
 one of them named like an HTML injection, one broken file."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from hirescam_cli.cli import main
 from hirescam_cli.demo.samples import write_samples
+from hirescam_cli.report.chunks import STATUSES, read_cards
 
 MALICIOUS = "<img src=x onerror=alert(1)>.png"
 PREFIX = "window.HIRESCAM_REPORT = JSON.parse("
@@ -37,6 +41,37 @@ def explain_with_report(root: Path, count: int = 5) -> Path:
     return out
 
 
+def many_inputs(base: Path, out: Path, count: int, seed: int = 0) -> Path:
+    """OUT with `count` inputs of unique keys, copies of `base`'s explained ones (pictures hard-linked)
+    with varied numbers, so that sorting reorders them (Pearson r: negative ones, ties, missing ones);
+    every 50th input failed."""
+    rng = np.random.default_rng(seed)
+    records = [json.loads(line) for line in (base / "results.jsonl").read_text().splitlines()]
+    summaries = [json.loads((base / r["summary"]).read_text()) for r in records if r["status"] == "ok"]
+    lines = []
+    for n in range(count):
+        key = f"many/img_{n:04d}.png"
+        if n % 50 == 7:
+            lines.append({"input": f"/in/{key}", "status": "error", "error": f"corrupt header {n}"})
+            continue
+        summary = json.loads(json.dumps(summaries[n % len(summaries)]))
+        (out / key).mkdir(parents=True)
+        for target in summary["targets"]:
+            target["probability"] = float(rng.uniform(0.5, 1.0))
+            pearson = None if n % 13 == 0 else round(float(rng.uniform(-0.5, 1.0)), 1)  # ties, missing ones
+            target["agreement"] = {"pearson": pearson, "top20_iou": float(rng.random())}
+            for entry in target["maps"].values():
+                name = entry["png"].rsplit("/", 1)[1]
+                os.link(base / entry["png"], out / key / name)
+                entry["png"] = f"{key}/{name}"
+        summary["key"] = key
+        (out / key / "summary.json").write_text(json.dumps(summary))
+        lines.append({"input": summary["input"], "status": "ok", "summary": f"{key}/summary.json"})
+    (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    shutil.copy(base / "run.json", out / "run.json")
+    return out
+
+
 _shared: list[Path] = []
 
 
@@ -48,7 +83,16 @@ def shared_run(tmp_path_factory) -> Path:
 
 
 def report_data(out: Path) -> dict:
-    """The data report.js works from (data.js without its assignment)."""
-    text = (out / "report" / "data.js").read_text(encoding="utf-8")
+    """The data report.js works from: index.js, and as "images" every input's card record (from the
+    chunks' cards files) with i: its position and s: its status."""
+    text = (out / "report" / "index.js").read_text(encoding="utf-8")
     assert text.startswith(PREFIX)
-    return json.loads(json.loads(text.removeprefix(PREFIX).rstrip().removesuffix(");")))
+    data = json.loads(json.loads(text.removeprefix(PREFIX).rstrip().removesuffix(");")))
+    records = []
+    for digest, count in data["chunks"]:
+        chunk = read_cards(out / "report" / "cards" / f"{digest}.js")
+        assert len(chunk) == count
+        records += chunk
+    assert len(records) == len(data["rows"]) == len(data["status"])
+    data["images"] = [{**r, "i": i, "s": STATUSES[data["status"][i]]} for i, r in enumerate(records)]
+    return data

@@ -22,6 +22,7 @@ from hirescam_cli.batches import Batch, InputDataset, Sample, make_loader
 from hirescam_cli.discovery import InputError, InputItem, discover
 from hirescam_cli.modalities import image_files
 from hirescam_cli.modalities.image_files import ImageError
+from hirescam_cli.modalities.image_overlays import register
 from hirescam_cli.modalities.images import Images, PictureView, Preprocess, overlay_image, overlay_size
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: model input = pixel / 255
@@ -458,6 +459,32 @@ def test_crop_only_box_indexes_exactly_the_cropped_pixels():
     assert all(float(v).is_integer() for v in (x0, y0, x1, y1))
     expected = image[:, int(y0) : int(y1), int(x0) : int(x1)].float() / 255
     assert torch.equal(tensor, expected)
+
+
+def test_maps_reach_the_originals_as_the_overlays_and_peaks_do():
+    """to_original: the overlays' registration through each crop box, NaN where the crop cut the picture,
+    padded to the largest picture; a one-hot map peaks within a pixel of the one `locate` names."""
+    images = Images(Preprocess(100, (64, 81), *IDENTITY))
+    pictures = [torch.zeros(3, 150, 200, dtype=torch.uint8), torch.zeros(3, 170, 120, dtype=torch.uint8)]
+    views = images.collate([PictureView(tuple(p.shape[1:]), images.preprocess(p)[1], None) for p in pictures])
+    maps = torch.zeros(2, 2, 4, 5)
+    maps[0, 0, 1, 3] = maps[0, 1, 2, 0] = maps[1, 0, 3, 4] = maps[1, 1, 0, 0] = 1.0
+    registered, pixels = images.to_original(maps.flatten(0, 1), views, [0, 0, 1, 1])
+    assert registered.shape == pixels.shape == (4, 170, 200)
+    assert pixels[:2].sum() == 2 * 150 * 200 and pixels[2:].sum() == 2 * 170 * 120
+    for i, row in enumerate([0, 0, 1, 1]):
+        height, width = views.sizes[row]
+        one = maps.flatten(0, 1)[i : i + 1, None]
+        expected, inside = register(one, views.boxes[row : row + 1], range(height), width)
+        own = registered[i, :height, :width]
+        assert torch.equal(own.isnan(), ~inside[0])
+        assert torch.equal(own[inside[0]], expected[0, 0][inside[0]])
+        assert 0 < own.isnan().sum() < own.numel()  # the crop cut the picture
+    peaks = images.locate(maps, views)  # (2, 2, 2): (x, y), the pixel holding the cell's centre
+    for i, (x, y) in enumerate(peaks.flatten(0, 1).long().tolist()):
+        top = torch.nan_to_num(registered[i], nan=-1.0)
+        ys, xs = torch.nonzero(top >= top.max() - 1e-6, as_tuple=True)  # the nearest pixel centres
+        assert ((ys - y).abs().maximum((xs - x).abs())).min() <= 1
 
 
 def test_normalisation_and_input_size():

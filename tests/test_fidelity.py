@@ -225,7 +225,7 @@ def test_eval_without_masks_on_the_sample_images(tmp_path, capsys):
     assert hires["rank_correlation"]["n"] == report["pairs"]
     assert report["methods"]["gradcam"]["rank_correlation"]["mean"] < hires["rank_correlation"]["mean"]
     assert report["identical_by_construction"] is False
-    assert "Faithfulness to the model" in out and "| hirescam " in out and "energy" not in out
+    assert "Faithfulness to the model" in out and "| hirescam " in out and "pointing game" not in out
 
 
 def test_eval_samples_positions_when_asked(tmp_path, capsys):

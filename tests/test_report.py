@@ -14,10 +14,18 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from PIL import Image
-from report_runs import MALICIOUS, cli, report_data, shared_run
+from report_runs import MALICIOUS, cli, many_inputs, report_data, shared_run
 
-from hirescam_cli.report import ReportError, write_eval_page, write_report
-from hirescam_cli.report.gallery import PAGE_SIZE
+from hirescam_cli.report import (
+    ReportError,
+    cards,
+    chunks,
+    gallery,
+    run_files,
+    write_eval_page,
+    write_report,
+)
+from hirescam_cli.report.chunks import PAGE_SIZE
 from hirescam_cli.report.site import exponent, fixed, method_name
 from hirescam_cli.report.thumbnails import THUMB_SIDE, VIEW_SIDE
 
@@ -64,7 +72,7 @@ def parse(path: Path) -> Links:
 
 
 def data_links(data: dict) -> list[str]:
-    found = []
+    found = [f"cards/{digest}.js" for digest, _ in data["chunks"]]
     for image in data["images"]:
         found += ["thumbs/" + image[k] for k in ("o", "v") if image.get(k)]
         for target in image.get("t", []):
@@ -134,7 +142,7 @@ def test_every_link_is_relative_and_resolves_inside_out(run_out):
     report = run_out / "report"
     page = parse(report / "index.html")
     links = page.links + data_links(report_data(run_out))
-    assert "data.js" in links and "assets/report.js" in links and "assets/report.css" in links
+    assert "index.js" in links and "assets/report.js" in links and "assets/report.css" in links
     for link in links:
         parts = urlsplit(link)
         assert not parts.scheme and not parts.netloc and not link.startswith("/"), link
@@ -163,7 +171,8 @@ def test_first_page_is_in_the_html_with_names_escaped(run_out):
     assert page.names == [image["n"] for image in data["images"][:PAGE_SIZE]]
     assert MALICIOUS in page.names  # shown as text
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;.png" in html
-    assert "<img src=x" not in (run_out / "report" / "data.js").read_text(encoding="utf-8")
+    for script in [run_out / "report" / "index.js", *(run_out / "report" / "cards").iterdir()]:
+        assert "<img src=x" not in script.read_text(encoding="utf-8")
     reason = next(i["e"] for i in data["images"] if i["s"] == "error")
     assert html.count(reason) == 2  # the broken file's reason, in the failures table and its card
     assert page.tags.count("script") == 2
@@ -321,16 +330,25 @@ EVAL = {
     "target_layer": "features",
     "methods": {
         "hirescam": {
-            "energy": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 4},
+            "relevance_mass_accuracy": {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 4},
             "faith": {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 4},
         },
         "gradcam": {
-            "energy": {"mean": 0.7, "low": 0.6, "high": 0.8, "n": 4},
+            "relevance_mass_accuracy": {"mean": 0.7, "low": 0.6, "high": 0.8, "n": 4},
             "faith": {"mean": 0.1, "low": float("nan"), "high": float("nan"), "n": 1},
         },
     },
-    "metrics": {"faith": {"label": "occlusion <r>", "better": "lower"}},
-    "per_class": {"circle": {"hirescam": {"energy": {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 2}}}},
+    "metrics": {
+        "faith": {
+            "label": "occlusion <r>",
+            "better": "lower",
+            "space": "layer grid",
+            "reference": "Smith <2024>",
+        }
+    },
+    "per_class": {
+        "circle": {"hirescam": {"relevance_mass_accuracy": {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 2}}}
+    },
     "curves": {
         "hirescam": {"deletion": [1.0, 0.5, 0.1], "insertion": [0.0, 0.6, 0.9]},
         "gradcam": {"deletion": [1.0, 0.7, 0.2], "insertion": [0.0, 0.4, 0.9]},
@@ -342,10 +360,11 @@ EVAL = {
 def test_eval_page_renders_whatever_methods_and_metrics_it_gets(tmp_path):
     html = write_eval_page(tmp_path, EVAL).read_text()
     assert "0.500 [0.400, 0.600] <small>n=4</small>" in html
-    assert '<td class="best">0.700 [0.600, 0.800]' in html  # energy: higher is better
+    assert '<td class="best">0.700 [0.600, 0.800]' in html  # mass accuracy: higher is better
     assert '<td class="best">0.100 <small>n=1</small>' in html  # faith: declared lower is better; no interval
     assert "occlusion &lt;r&gt;" in html and "net &lt;b&gt;" in html and "x/&lt;script&gt;.png" in html
     assert "<script" not in html and "Class circle" in html
+    assert "Smith &lt;2024&gt;; computed on the target layer&#39;s grid" in html
     assert html.count('src="data:image/png;base64,') == 1 and "1.000, 0.500, 0.100" in html
     assert "href=" not in html  # one file: nothing to fetch
 
@@ -353,7 +372,8 @@ def test_eval_page_renders_whatever_methods_and_metrics_it_gets(tmp_path):
 def test_eval_page_without_optional_parts(tmp_path):
     bare = {k: EVAL[k] for k in ("images", "model", "target_layer", "methods", "problems")}
     html = write_eval_page(tmp_path, bare).read_text()
-    assert "Per class" not in html and "data:image/png" not in html and "energy in mask" in html
+    assert "Per class" not in html and "data:image/png" not in html and "relevance mass accuracy" in html
+    assert "Definitions" not in html  # eval.json says nothing of them
 
 
 def test_eval_writes_eval_html_beside_eval_json(tmp_path, capsys):
@@ -389,3 +409,176 @@ def test_a_run_with_no_inputs_has_a_page_saying_so(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     html = write_report(tmp_path).read_text()
     assert "The run has no inputs." in html and report_data(tmp_path)["images"] == []
+
+
+# ---- incremental by design: a report re-reads and rewrites only what changed, and ends up as a
+# report made from scratch would be
+
+
+@pytest.fixture(scope="module")
+def many_base(run_out, tmp_path_factory) -> Path:
+    """130 inputs of unique keys in chunks of about 8 (CHUNK_MEAN patched), reported once."""
+    out = many_inputs(run_out, tmp_path_factory.mktemp("many") / "out", 130)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunks, "CHUNK_MEAN", 8)
+        write_report(out)
+    return out
+
+
+@pytest.fixture
+def many(many_base, tmp_path, monkeypatch) -> Path:
+    """A private copy of it (sizes and mtimes kept: its report is up to date)."""
+    monkeypatch.setattr(chunks, "CHUNK_MEAN", 8)
+    return Path(shutil.copytree(many_base, tmp_path / "many"))
+
+
+def spy(monkeypatch) -> dict:
+    """Which summaries a report reads, and how many ledger lines it parses."""
+    seen = {"summaries": [], "lines": 0}
+    read, line = cards.read_summary, run_files._line
+
+    def reading(root, relative):
+        seen["summaries"].append(relative)
+        return read(root, relative)
+
+    def parsing(record):
+        seen["lines"] += 1
+        return line(record)
+
+    for module in (cards, gallery):
+        monkeypatch.setattr(module, "read_summary", reading)
+    monkeypatch.setattr(run_files, "_line", parsing)
+    return seen
+
+
+def kept_files(out: Path) -> dict[str, int]:
+    """mtime of every file of the report but those rewritten each time (index.*, manifest.json)."""
+    report = out / "report"
+    return {
+        p.relative_to(report).as_posix(): p.stat().st_mtime_ns
+        for p in report.rglob("*")
+        if p.is_file() and p.name not in ("index.js", "index.html", "manifest.json")
+    }
+
+
+def names(files: dict[str, int], folder: str) -> set[str]:
+    return {name for name in files if name.startswith(folder + "/")}
+
+
+def assert_as_from_scratch(out: Path, tmp_path: Path) -> None:
+    """The report of `out` is what a new report of the same run makes (thumbnails kept, labels by name)."""
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh, ignore=lambda folder, _: ["report"] if Path(folder) == out else [])
+    shutil.copytree(out / "report" / "thumbs", fresh / "report" / "thumbs")
+    write_report(fresh)
+    assert thumbs(fresh) == thumbs(out)
+    mine, theirs = report_data(out), report_data(fresh)
+    for data in (mine, theirs):
+        data["rows"] = [[row[0], sorted(data["labels"][i] for i in row[1]), *row[2:]] for row in data["rows"]]
+        del data["labels"]
+    assert mine == theirs
+
+
+def test_an_unchanged_run_reads_and_rewrites_nothing(many, monkeypatch):
+    data = report_data(many)
+    assert len(data["chunks"]) > 8 and sum(count for _, count in data["chunks"]) == 130
+    before = kept_files(many)
+    seen = spy(monkeypatch)
+    write_report(many)
+    assert seen == {"summaries": [], "lines": 0}  # not even results.jsonl
+    assert kept_files(many) == before and report_data(many) == data
+
+
+def test_a_changed_input_rewrites_its_chunk_only(many, monkeypatch, tmp_path):
+    data = report_data(many)
+    key = data["images"][60]["n"]
+    path = many / key / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["targets"][0]["probability"] = 0.5
+    path.write_text(json.dumps(summary))
+    png = many / summary["targets"][1]["maps"]["gradcam"]["png"]
+    Image.new("RGB", Image.open(png).size, "white").save(png)  # and one of its pictures
+    before = kept_files(many)
+    seen = spy(monkeypatch)
+    write_report(many)
+    after = kept_files(many)
+    assert seen == {"summaries": [f"{key}/summary.json"], "lines": 0}
+    for folder in ("cards", "chunks", "thumbs"):
+        assert len(names(before, folder) - names(after, folder)) == 1
+        assert len(names(after, folder) - names(before, folder)) == 1
+    assert {name: before[name] for name in after if name in before} == {
+        n: after[n] for n in after if n in before
+    }
+    assert report_data(many)["images"][60]["t"][0]["p"] == 0.5
+    assert_as_from_scratch(many, tmp_path)
+
+
+def test_a_rewritten_ledger_is_matched_to_the_last_report(many, monkeypatch, tmp_path):
+    """A resumed run: every input skipped, one gone, one new between two others."""
+    data = report_data(many)
+    gone = data["images"][20]
+    lines = [json.loads(line) for line in (many / "results.jsonl").read_text().splitlines()]
+    new = "many/img_0040b.png"
+    shutil.copytree(many / "many" / "img_0040.png", many / new)
+    summary = json.loads((many / new / "summary.json").read_text())
+    for target in summary["targets"]:
+        for entry in target["maps"].values():
+            entry["png"] = entry["png"].replace("img_0040.png", "img_0040b.png")
+    (many / new / "summary.json").write_text(json.dumps(summary | {"key": new}))
+    added = {"input": summary["input"], "status": "ok", "summary": f"{new}/summary.json"}
+    lines = lines[:20] + lines[21:41] + [added] + lines[41:]
+    for line in lines:
+        line["status"] = "skipped" if line["status"] == "ok" else line["status"]
+    (many / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    before = kept_files(many)
+    seen = spy(monkeypatch)
+    write_report(many)
+    after = report_data(many)
+    assert seen == {"summaries": [f"{new}/summary.json"], "lines": 130}
+    assert [i["n"] for i in after["images"]] == [i["n"] for i in data["images"][:20]] + [
+        i["n"] for i in data["images"][21:41]
+    ] + [new] + [i["n"] for i in data["images"][41:]]
+    assert {i["s"] for i in after["images"]} == {"skipped", "error"}
+    assert not any((many / "report" / "thumbs" / name).exists() for name in cards.thumbnails_of(gone))
+    for folder in ("cards", "chunks"):  # only the chunks that held the two inputs changed
+        assert len(names(before, folder) & names(kept_files(many), folder)) >= len(data["chunks"]) - 3
+    assert_as_from_scratch(many, tmp_path)
+
+
+def test_a_damaged_manifest_rebuilds_what_it_described(many, monkeypatch, tmp_path):
+    data = report_data(many)
+    manifest = json.loads((many / "report" / "manifest.json").read_text())
+    _, lost, count = manifest["chunks"][3]
+    (many / "report" / "chunks" / f"{lost}.json").unlink()
+    seen = spy(monkeypatch)
+    write_report(many)
+    assert len(seen["summaries"]) == count and seen["lines"] == 130  # the ledger told what it held
+    assert report_data(many) == data
+    assert_as_from_scratch(many, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["statuses", "chunks", "not an object"])
+def test_a_manifest_of_another_shape_is_rebuilt_not_a_traceback(many, tmp_path, damage):
+    data, path = report_data(many), many / "report" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "not an object":
+        manifest = [manifest]
+    else:
+        del manifest[damage]  # as a report of another format left it
+    path.write_text(json.dumps(manifest))
+    write_report(many)
+    assert report_data(many) == data
+    assert_as_from_scratch(many, tmp_path)
+
+
+def test_a_summary_listed_twice_keeps_the_thumbnails_both_cards_use(out):
+    lines = (out / "results.jsonl").read_text().splitlines()
+    first_ok = next(line for line in lines if json.loads(line)["status"] == "ok")
+    (out / "results.jsonl").write_text("\n".join([first_ok, *lines]) + "\n")
+    write_report(out)
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")  # one of the two is gone
+    write_report(out)
+    data = report_data(out)
+    assert len(data["images"]) == len(lines)
+    used = {name for image in data["images"] for name in cards.thumbnails_of(image)}
+    assert used == thumbs(out)

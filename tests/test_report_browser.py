@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from report_runs import MALICIOUS, report_data, shared_run
+from report_runs import MALICIOUS, many_inputs, report_data, shared_run
 
-from hirescam_cli.report import write_report
+from hirescam_cli.report import chunks, write_report
+from hirescam_cli.report.site import fixed
 
 try:
     from playwright.sync_api import expect
@@ -18,6 +19,8 @@ except ImportError:  # the browser fixture skips, or fails in CI
     expect = None
 from hirescam_cli.report.gallery import PAGE_SIZE
 
+# markup as the browser serialises it, whitespace between tags aside (the HTML and the script's cards)
+NORMALISE = "h => h.replace(/>\\s+</g, '><').replace(/\\s+/g, ' ').replace(/ hidden=\"\"/g, '').trim()"
 CHROMIUM = os.environ.get("HIRESCAM_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -66,7 +69,8 @@ class Page:
         dialog.dismiss()
 
     def cards(self) -> list[int]:
-        """data-i of the cards shown, in order."""
+        """data-i of the cards shown, in order (once their chunks are loaded)."""
+        self.page.wait_for_selector("#cards:not([aria-busy='true'])", state="attached")
         return [int(i) for i in self.page.eval_on_selector_all("li.card", "cs => cs.map(c => c.dataset.i)")]
 
     def all_images_load(self) -> list[str]:
@@ -143,7 +147,7 @@ def test_malicious_name_is_text_and_never_runs(page):
     expect(page.page.locator("li.card")).to_have_count(1)
     assert page.page.locator("li.card h2.name").inner_text() == MALICIOUS
     page.page.locator("li.card").first.click()
-    assert page.page.locator("#viewer-title").inner_text() == MALICIOUS
+    expect(page.page.locator("#viewer-title")).to_have_text(MALICIOUS)
     assert page.page.locator("img[src='x']").count() == 0
     assert page.dialogs == [] and page.problems == []
 
@@ -164,7 +168,7 @@ def test_viewer_opens_from_the_keyboard_with_full_size_overlays(page, run_out):
     button.focus()
     page.page.keyboard.press("Enter")
     viewer = page.page.locator("#viewer")
-    assert viewer.evaluate("d => d.open")
+    page.page.wait_for_selector("#viewer[open]")  # once its chunk is loaded
     srcs = viewer.locator("img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
     assert srcs[1:3] == [cell[1] for cell in first["t"][0]["m"]]
     assert page.all_images_load() == []
@@ -179,10 +183,46 @@ def test_cards_built_by_script_match_the_html(page):
     html_cards = page.page.locator("#cards").inner_html()
     page.page.select_option("#sort", "gap")
     page.page.select_option("#sort", "input")
-    normalise = "h => h.replace(/>\\s+</g, '><').replace(/\\s+/g, ' ').replace(/ hidden=\"\"/g, '').trim()"
-    assert page.page.evaluate(normalise, html_cards) == page.page.evaluate(
-        normalise, page.page.locator("#cards").inner_html()
+    page.cards()
+    assert page.page.evaluate(NORMALISE, html_cards) == page.page.evaluate(
+        NORMALISE, page.page.locator("#cards").inner_html()
     )
+
+
+def test_volume_cards_built_by_script_match_the_html_and_link_their_nifti_maps(browser, tmp_path, capsys):
+    from test_cli import run
+    from test_volumes import hounsfield, volume_config
+    from volume_sets import oblique_affine, write_nifti
+
+    for n in range(2):
+        affine = oblique_affine(zooms=(1.0, 1.5, 3.0))
+        write_nifti(tmp_path / "in" / f"scan{n}.nii.gz", hounsfield(seed=n), affine)
+    out = tmp_path / "out"
+    command = ["explain", tmp_path / "in", "-o", out, "-c", volume_config(tmp_path), "--report", "-q"]
+    assert run(command, capsys)[0] == 0
+    records = report_data(out)["images"]
+    assert [r["k"] for r in records] == ["volume", "volume"]
+    niftis = [cell[2] for r in records for t in r["t"] for cell in t["m"] if cell]
+    page = Page(browser, (out / "report" / "index.html").as_uri())
+    try:
+        links = "as => as.map(a => a.getAttribute('href'))"
+        assert page.page.locator("#cards a.nifti").evaluate_all(links) == niftis
+        html_cards = page.page.locator("#cards").inner_html()
+        page.page.select_option("#sort", "gap")
+        page.page.select_option("#sort", "input")
+        page.cards()
+        assert page.page.evaluate(NORMALISE, html_cards) == page.page.evaluate(
+            NORMALISE, page.page.locator("#cards").inner_html()
+        )
+        assert page.page.locator("#cards .scan").all_inner_texts() == [r["d"] for r in records]
+        page.page.locator("li.card").first.locator("button.open").click()
+        page.page.wait_for_selector("#viewer[open]")
+        first = [cell[2] for t in records[0]["t"] for cell in t["m"] if cell]
+        assert page.page.locator("#viewer a.nifti").evaluate_all(links) == first
+        assert page.all_images_load() == []
+        assert page.problems == []
+    finally:
+        page.close()
 
 
 def test_without_javascript_the_first_page_is_readable(browser, run_out):
@@ -218,6 +258,87 @@ def test_pages_keep_the_dom_bounded(browser, run_out, tmp_path):
         page.page.wait_for_selector("html[data-ready]")
         assert page.cards() == list(range(2 * PAGE_SIZE, 130)) and "page=3" in page.page.url
         assert page.problems == []
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def many_out(tmp_path_factory, run_out) -> Path:
+    """150 inputs in chunks of about 8 (CHUNK_MEAN patched), so that a page spans several chunks."""
+    out = many_inputs(run_out, tmp_path_factory.mktemp("many") / "out", 150)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunks, "CHUNK_MEAN", 8)
+        write_report(out)
+    return out
+
+
+def chunk_of(data: dict) -> list[int]:
+    """The chunk of each input."""
+    return [c for c, (_, count) in enumerate(data["chunks"]) for _ in range(count)]
+
+
+def test_a_page_beyond_the_first_chunk(browser, many_out):
+    data = report_data(many_out)
+    assert len(data["chunks"]) > 6 and data["chunks"][0][1] < PAGE_SIZE
+    page = Page(browser, (many_out / "report" / "index.html").as_uri())
+    try:
+        page.page.click("#next")
+        shown = page.cards()
+        assert shown == list(range(PAGE_SIZE, 2 * PAGE_SIZE)) and 0 not in {chunk_of(data)[i] for i in shown}
+        names = page.page.locator("li.card h2.name").all_inner_texts()
+        assert names == [data["images"][i]["n"] for i in shown]
+        broken = [i for i in shown if data["images"][i]["s"] == "error"]
+        for i in broken:
+            assert page.page.locator(f"li.card[data-i='{i}'] .reason").inner_text() == data["images"][i]["e"]
+        assert broken and page.all_images_load() == []
+        loaded = page.page.eval_on_selector_all(
+            "script[src^='cards/']", "s => s.map(x => x.getAttribute('src'))"
+        )
+        assert sorted(loaded) == sorted({f"cards/{data['chunks'][chunk_of(data)[i]][0]}.js" for i in shown})
+        assert page.problems == []
+    finally:
+        page.close()
+
+
+MISSING = 2.0  # sorts after every Pearson r and IoU
+
+
+def lowest(image: dict, number: str) -> float:
+    """The lowest of a number over an image's targets, MISSING when none has it."""
+    values = [t[number] for t in image["t"] if t[number] is not None]
+    return min(values) if values else MISSING
+
+
+def test_a_sort_that_reorders_across_chunks(browser, many_out):
+    data = report_data(many_out)
+    page = Page(browser, (many_out / "report" / "index.html").as_uri())
+    try:
+        page.page.select_option("#sort", "probability")
+        best = {i["i"]: max(t["p"] for t in i["t"]) for i in data["images"] if i.get("t")}
+        expected = sorted(best, key=lambda i: (-best[i], i))
+        expected += [i["i"] for i in data["images"] if i["i"] not in best]  # missing values last
+        assert page.cards() == expected[:PAGE_SIZE]
+        assert len({chunk_of(data)[i] for i in expected[:PAGE_SIZE]}) > 6
+        probabilities = page.page.locator("li.card").first.locator(".prob").all_inner_texts()
+        assert f"p {fixed(best[expected[0]], 3)}" in probabilities
+        page.page.select_option("#sort", "disagreement")
+        explained = [i for i in data["images"] if i.get("t")]
+        r = {i["i"]: lowest(i, "r") for i in explained}
+        order = sorted(r, key=lambda i: (r[i], lowest(data["images"][i], "u"), i))
+        assert MISSING in r.values() and min(r.values()) < 0 and len(set(r.values())) < len(r)  # ties
+        assert page.cards() == order[:PAGE_SIZE] and order[:PAGE_SIZE] != sorted(order[:PAGE_SIZE])
+        page.page.select_option("#sort", "probability")
+        page.page.click("#next")
+        assert page.cards() == expected[PAGE_SIZE : 2 * PAGE_SIZE]
+        page.page.reload()
+        page.page.wait_for_selector("html[data-ready]")
+        assert page.cards() == expected[PAGE_SIZE : 2 * PAGE_SIZE] and "page=2" in page.page.url
+        last = page.page.locator("li.card").last
+        last.click()
+        expect(page.page.locator("#viewer-title")).to_have_text(
+            data["images"][expected[2 * PAGE_SIZE - 1]]["n"]
+        )
+        assert page.all_images_load() == [] and page.problems == []
     finally:
         page.close()
 

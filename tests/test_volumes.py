@@ -428,7 +428,7 @@ def test_the_report_shows_volume_cards_and_links_their_nifti_maps(tmp_path, caps
     card = report_data(out)["images"][0]
     times = " \N{MULTIPLICATION SIGN} "
     assert card["d"] == f"16{times}12{times}8 voxels of 1{times}1.5{times}3 mm, {found['orientation']}"
-    assert card["o"] is None and card["v"] is None  # no picture of its own: its maps show it
+    assert card["k"] == "volume" and "o" not in card  # no picture of its own: its maps show it
     (target,) = card["t"]
     assert target["l"] == found["targets"][0]["label"] and target["p"] == found["targets"][0]["probability"]
     assert target["r"] == found["targets"][0]["agreement"]["pearson"]
@@ -440,10 +440,40 @@ def test_the_report_shows_volume_cards_and_links_their_nifti_maps(tmp_path, caps
     assert f'href="../{found["targets"][0]["maps"]["hirescam"]["nifti"]}"' in html and card["d"] in html
 
 
+def test_maps_registered_on_the_voxels_are_nan_beyond_the_model_input_and_padded_per_volume(tmp_path):
+    """to_original (eval's localisation): a 16 x 12 x 8 scan centre-cropped to the model's 8 x 6 x 4 is
+    covered on [4:12, 3:9, 2:6] only (NaN around it), each voxel taking its 2^3-voxel cell's value; a
+    6 x 6 x 4 scan padded by one voxel before axis 0 is covered whole, within the batch's padded extent."""
+    from hirescam_cli.modalities.volumes import Volumes
+
+    config = volume_config(tmp_path, preprocess="crop = [8, 6, 4]")
+    config.write_text(config.read_text().replace("resize = [8, 6, 4]\n", ""))
+    modality = Volumes.from_config(load(config), None, pictures=False)
+    views = []
+    for name, shape in (("big", SHAPE), ("small", (6, 6, 4))):
+        path = write_nifti(tmp_path / f"{name}.nii.gz", hounsfield(shape), np.eye(4))
+        views.append(modality.load(path.read_bytes())[1])
+    maps = noise(3, 4, 3, 2, seed=7)
+    registered, voxels = modality.to_original(maps, modality.collate(views), [0, 1, 1])
+    assert registered.shape == voxels.shape == (3, *SHAPE)
+    big = torch.full(SHAPE, torch.nan)
+    big[4:12, 3:9, 2:6] = maps[0].repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(registered[0].isnan(), big.isnan())
+    assert torch.equal(registered[0].nan_to_num(), big.nan_to_num())
+    assert voxels[0].all()
+    cells = torch.tensor([0, 1, 1, 2, 2, 3]), torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 0, 1, 1])
+    for pair in (1, 2):
+        small = maps[pair][cells[0][:, None, None], cells[1][None, :, None], cells[2][None, None, :]]
+        assert torch.equal(registered[pair, :6, :6, :4], small)
+        assert registered[pair, 6:].isnan().all() and registered[pair, :, 6:].isnan().all()
+        assert voxels[pair, :6, :6, :4].all() and voxels[pair].sum() == 6 * 6 * 4
+
+
 def test_eval_with_masks_localises_the_planted_cell_on_volumes(tmp_path, capsys):
     """cell_net3d reads one cell; a NIfTI mask of that cell's voxels (on the scan's oblique flipped grid) is
-    found for `case.nii.gz` in MASKS/case/, mapped onto the model input through the scan's geometry, and
-    HiResCAM's mass lies all in it. A mask of another grid is a problem line, the rest still scored."""
+    found for `case.nii.gz` in MASKS/case/, the maps are registered onto the scan's voxels through its
+    geometry, and HiResCAM's mass lies all in it. A mask of another grid is a problem line, the rest still
+    scored."""
     affine = oblique_affine(zooms=(1.0, 1.5, 3.0), degrees=20.0, flip_x=True)
     c0, c1, c2 = CELL
     block = (slice(12 - 4 * c0, 16 - 4 * c0), slice(4 * c1, 4 * c1 + 4), slice(4 * c2, 4 * c2 + 4))
@@ -463,15 +493,12 @@ def test_eval_with_masks_localises_the_planted_cell_on_volumes(tmp_path, capsys)
     assert code == 0, err
     report = json.loads((out / "eval.json").read_text())
     assert report["masks"] and report["pairs"] == 1
-    # by hand: HiResCAM's map is one cell, upsampled trilinearly to the model input; the mask, mapped back
-    # through the flip and the resize, is that cell's 2 x 2 x 2 model voxels
-    one = torch.zeros(1, 1, 4, 3, 2)
-    one[(0, 0, *CELL)] = 1.0
-    heat = torch.nn.functional.interpolate(one, size=(8, 6, 4), mode="trilinear", align_corners=False)[0, 0]
-    inside = heat[2 * c0 : 2 * c0 + 2, 2 * c1 : 2 * c1 + 2, 2 * c2 : 2 * c2 + 2].sum() / heat.sum()
+    # HiResCAM's map is that one cell; registered onto the scan's voxels as the NIfTI maps are (each voxel
+    # takes its cell's value), it covers the mask's voxels exactly: every localisation metric is perfect
     hires = report["methods"]["hirescam"]
-    assert hires["energy"]["mean"] == pytest.approx(float(inside), rel=1e-5)
-    assert hires["pointing"]["mean"] == 1.0
-    assert report["methods"]["gradcam"]["energy"]["mean"] < hires["energy"]["mean"]
+    for metric in ("pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "roc_auc"):
+        assert hires[metric]["mean"] == pytest.approx(1.0, rel=1e-6), metric
+    gradcam = report["methods"]["gradcam"]["relevance_mass_accuracy"]["mean"]
+    assert gradcam < hires["relevance_mass_accuracy"]["mean"]
     assert "other/class_0.nii.gz: mask is 15x12x8 voxels, the volume 16x12x8" in err
     assert "Localisation" in stdout

@@ -20,9 +20,14 @@ A modality is a class with
     renderer(config, device, labels)  what turns a batch's maps into pictures on the input, in parts
                                     (`render.Part`, with the payloads of the map_files)
     mask_folder(key) -> str         eval: where under MASKS an input's masks are (`a/x.png` -> `a/x`)
-    load_masks(folder, labels, views, row, problems) -> {class id: bool array}  eval: the usable masks
-                                    of one input, on its own grid (what is not usable goes to problems)
-    masks_to_input(masks, views, rows) -> Tensor  eval: those masks over the model input, bool (N, *size)
+    load_masks(folder, labels, views, row, problems, empty) -> {class id: bool array}  eval: the usable
+                                    non-empty masks of one input, on its own grid (the empty ones go to
+                                    empty, what is not usable to problems)
+    to_original(maps, views, rows) -> (maps, pixels)   maps (N, *grid) registered onto the inputs of
+                                    batch rows `rows`, on their own pixels (voxels), as the pictures are:
+                                    (N, *largest) with NaN where the model input does not cover the input,
+                                    and bool (N, *largest) marking each input's own extent (eval's
+                                    localisation is scored there, against the masks load_masks read)
 and a torch-free module of its files with `accepts(name) -> bool` for folder walks and, for a kind whose
 inputs can be several files, `group(folder, paths)` (see discovery.catalogue). A kind may declare its own
 `[preprocess]` table (a frozen dataclass with a KEYS dict of validators) in a torch-free module, and a

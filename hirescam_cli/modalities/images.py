@@ -131,9 +131,17 @@ class Images:
         """Where eval finds an input's masks, under MASKS: `a/x.png` -> `a/x`."""
         return Path(key).with_suffix("").as_posix()
 
-    def load_masks(self, folder: Path, labels: list[str], views: PictureViews, row: int, problems: list[str]):
-        """{class id: bool (H, W)} of every FOLDER/<label>.png of the picture's size; what cannot be used
-        goes to `problems`."""
+    def load_masks(
+        self,
+        folder: Path,
+        labels: list[str],
+        views: PictureViews,
+        row: int,
+        problems: list[str],
+        empty: list[Path],
+    ) -> dict[int, np.ndarray]:
+        """{class id: bool (H, W)} of every non-empty FOLDER/<label>.png of the picture's size; the empty
+        ones (the class is absent) go to `empty`, what cannot be used to `problems`."""
         from PIL import Image
 
         found = {}
@@ -152,20 +160,26 @@ class Images:
                 shown = f"{mask.shape[1]}x{mask.shape[0]}, image is {size[1]}x{size[0]}"
                 problems.append(f"{path}: mask is {shown}")
                 continue
+            if not mask.any():
+                empty.append(path)
+                continue
             found[labels.index(path.stem)] = mask
         return found
 
-    def masks_to_input(self, masks: Sequence[Tensor], views: PictureViews, rows: Sequence[int]) -> Tensor:
-        """Masks (H, W) bool of the originals through the same resize and crop -> bool (N, h, w) over the
-        model input (the same for every picture: `views` and `rows` are not needed)."""
-        pre = self.preprocess
-        geometry = Preprocess(pre.resize, pre.crop, (0.0,) * 3, (1.0,) * 3, crop_rounding=pre.crop_rounding)
-        return torch.stack(
-            [
-                geometry(torch.as_tensor(m).to(torch.uint8).mul(255).expand(3, -1, -1))[0][0] > 0.5
-                for m in masks
-            ]
-        )
+    def to_original(self, maps: Tensor, views: PictureViews, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Maps (N, h, w) registered onto the original pictures of batch rows `rows` through the crop box,
+        as the overlays are (bilinear, `image_overlays.register`): (N, H, W) over the largest of those
+        pictures, NaN on pixels the model input does not cover; and bool (N, H, W), each picture's own
+        pixels (False on the padding beyond a smaller one)."""
+        from .image_overlays import register
+
+        sizes = torch.tensor([views.sizes[row] for row in rows], device=maps.device).view(-1, 2)
+        height, width = sizes.amax(0).tolist()
+        resampled, inside = register(maps[:, None], views.boxes[list(rows)], range(height), width)
+        ys = torch.arange(height, device=maps.device)[None, :, None]
+        xs = torch.arange(width, device=maps.device)[None, None, :]
+        pixels = (ys < sizes[:, 0, None, None]) & (xs < sizes[:, 1, None, None])
+        return resampled[:, 0].masked_fill(~inside, torch.nan), pixels
 
 
 def overlay_size(height: int, width: int, max_side: int) -> tuple[int, int]:

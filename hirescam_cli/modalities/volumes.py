@@ -205,9 +205,18 @@ class Volumes:
                 return key[: -len(suffix)]
         return key
 
-    def load_masks(self, folder: Path, labels: list[str], views: VolumeViews, row: int, problems: list[str]):
-        """{class id: bool (I, J, K)} of every FOLDER/<label>.nii(.gz) on the volume's grid (its shape, and
-        its affine within 1e-3 mm): voxels above 0 are the lesion; what cannot be used goes to `problems`."""
+    def load_masks(
+        self,
+        folder: Path,
+        labels: list[str],
+        views: VolumeViews,
+        row: int,
+        problems: list[str],
+        empty: list[Path],
+    ) -> dict[int, np.ndarray]:
+        """{class id: bool (I, J, K)} of every non-empty FOLDER/<label>.nii(.gz) on the volume's grid (its
+        shape, and its affine within 1e-3 mm): voxels above 0 are the lesion; the empty ones (the class is
+        absent) go to `empty`, what cannot be used to `problems`."""
         import nibabel as nib
 
         found = {}
@@ -229,24 +238,32 @@ class Volumes:
                 problems.append(f"{path}: mask is {_x(mask.shape)} voxels, the volume {_x(shape)}")
             elif not np.allclose(image.affine, affine, rtol=0, atol=1e-3):
                 problems.append(f"{path}: the mask's affine is not the volume's")
+            elif not mask.any():
+                empty.append(path)
             else:
                 found[labels.index(label)] = mask
         return found
 
-    def masks_to_input(self, masks: Sequence[np.ndarray], views: VolumeViews, rows: Sequence[int]) -> Tensor:
-        """Masks (I, J, K) bool on the inputs' grids -> bool (N, *input_size) over the model input: each
-        model voxel takes the mask at the input voxel nearest its centre through `to_input` (else False)."""
-        axes = [torch.arange(n, dtype=torch.float64) for n in self.preprocess.input_size]
-        model = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (*input_size, 3)
-        out = []
-        for mask, row in zip(masks, rows, strict=True):
-            matrix = views.to_input[row]
-            voxel = (model @ matrix[:3, :3].T + matrix[:3, 3]).add(0.5).floor().long()
-            inside = ((voxel >= 0) & (voxel < torch.tensor(mask.shape))).all(-1)
-            found = torch.zeros(self.preprocess.input_size, dtype=torch.bool)
-            found[inside] = torch.from_numpy(mask)[tuple(voxel[inside].unbind(-1))]
-            out.append(found)
-        return torch.stack(out)
+    def to_original(self, maps: Tensor, views: VolumeViews, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Maps (N, *grid) onto the voxels of the volumes of batch rows `rows`, as the NIfTI maps are (each
+        voxel takes the value of the cell it lies in, `volume_maps.to_voxels`): (N, *largest) over the
+        largest of those grids, NaN on voxels the model input does not cover; and bool (N, *largest), each
+        volume's own voxels (False on the padding beyond a smaller one)."""
+        from .volume_maps import to_voxels
+
+        shape = np.max([views.shapes[row] for row in rows], axis=0).tolist()
+        out = torch.full((len(rows), *shape), torch.nan, dtype=torch.float32, device=maps.device)
+        voxels = torch.zeros((len(rows), *shape), dtype=torch.bool, device=maps.device)
+        cells = self.cells_to_voxels(maps.shape[1:], views)
+        pairs = torch.tensor(list(rows))
+        for row in sorted(set(rows)):  # the pairs of one volume together: they share its geometry
+            chosen = (pairs == row).nonzero()[:, 0].to(maps.device)
+            grid = views.shapes[row]
+            resampled, inside = to_voxels(maps[chosen].float(), cells[row].to(maps.device), grid)
+            own = (chosen, *(slice(0, n) for n in grid))
+            out[own] = resampled.masked_fill(~inside, torch.nan)
+            voxels[own] = True
+        return out, voxels
 
 
 MASK_SUFFIXES = (".nii.gz", ".nii")

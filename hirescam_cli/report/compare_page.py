@@ -30,37 +30,73 @@ def write_compare_page(out: Path, comparison, document: dict[str, Any], workers:
     folder = Path(out).absolute()
     files = folder / FILES
     try:
-        thumbs = Thumbnails(files / "thumbs")
-        links = {side.label: side.root for side in (comparison.base, comparison.new)}
-        methods = comparison.methods
-        primary = methods.index(comparison.agreement_method)
-        records = [card_record(row, comparison, folder, thumbs, links, primary) for row in comparison.rows]
-        thumbs.make(workers or len(os.sched_getaffinity(0)))
-        for record in records:
-            _forget_missing(record, thumbs)
-        order = [row["index"] for row in least_agreeing_first(comparison.rows)]
-        position = {row["index"]: n for n, row in enumerate(comparison.rows)}
-        page = {
-            "methods": [[m, method_name(m)] for m in methods],
-            "primary": primary,
-            "page_size": PAGE_SIZE,
-            "files": FILES,
-            "labels": _labels(records),
-            "records": records,
-        }
-        for name in ASSETS:
-            write_atomic(files / name, (STATIC / name).read_bytes())
-        write_atomic(files / "data.js", data_script(page))
-        first = [records[position[i]] for i in order[:PAGE_SIZE]]
-        html = (
-            environment()
-            .get_template("compare.html.j2")
-            .render(page=page, first=first, header=header(document), files=FILES)
-        )
-        write_atomic(folder / "compare.html", html.encode())
-        thumbs.prune()
+        with Thumbnails(files / "thumbs", workers or len(os.sched_getaffinity(0))) as made:
+            return _write(folder, files, comparison, document, Pictures(made))
     except OSError as e:
         raise OutputError(f"cannot write the comparison page under {folder}: {describe(e)}") from None
+
+
+class Pictures:
+    """The page's thumbnails: named as cards are built, made together, the unused ones removed."""
+
+    def __init__(self, thumbs: Thumbnails):
+        self.thumbs = thumbs
+        self.used: set[str] = set()
+
+    def add(
+        self, source: Path, sides: tuple[int, ...], identity: str, original: bool = False
+    ) -> list[str] | None:
+        """Names (relative to thumbs/) of `source` at each longest side; None if it cannot be read."""
+        try:
+            stat = source.stat()
+        except OSError:
+            return None
+        names = Thumbnails.names(identity, (stat.st_size, stat.st_mtime_ns), sides)
+        self.thumbs.add(str(source), names, sides, original)
+        self.used.update(names)
+        return names
+
+    def make(self) -> None:
+        self.thumbs.make()
+
+    def has(self, name: str | None) -> bool:
+        """Is a picture on disk (after `make`)?"""
+        return name is not None and name not in self.thumbs.failed
+
+    def prune(self) -> None:
+        self.thumbs.remove(self.thumbs.listing() - self.used)
+
+
+def _write(folder: Path, files: Path, comparison, document: dict[str, Any], thumbs: Pictures) -> Path:
+    """The page, its data and assets, with `thumbs` open."""
+    links = {side.label: side.root for side in (comparison.base, comparison.new)}
+    methods = comparison.methods
+    primary = methods.index(comparison.agreement_method)
+    records = [card_record(row, comparison, folder, thumbs, links, primary) for row in comparison.rows]
+    thumbs.make()
+    for record in records:
+        _forget_missing(record, thumbs)
+    order = [row["index"] for row in least_agreeing_first(comparison.rows)]
+    position = {row["index"]: n for n, row in enumerate(comparison.rows)}
+    page = {
+        "methods": [[m, method_name(m)] for m in methods],
+        "primary": primary,
+        "page_size": PAGE_SIZE,
+        "files": FILES,
+        "labels": _labels(records),
+        "records": records,
+    }
+    for name in ASSETS:
+        write_atomic(files / name, (STATIC / name).read_bytes())
+    write_atomic(files / "data.js", data_script(page))
+    first = [records[position[i]] for i in order[:PAGE_SIZE]]
+    html = (
+        environment()
+        .get_template("compare.html.j2")
+        .render(page=page, first=first, header=header(document), files=FILES)
+    )
+    write_atomic(folder / "compare.html", html.encode())
+    thumbs.prune()
     return folder / "compare.html"
 
 
@@ -69,9 +105,7 @@ def link(path: Path, folder: Path) -> str:
     return quote(Path(os.path.relpath(path, folder)).as_posix(), safe="/")
 
 
-def card_record(
-    row: dict[str, Any], comparison, folder: Path, thumbs: Thumbnails, links, primary: int
-) -> dict:
+def card_record(row: dict[str, Any], comparison, folder: Path, thumbs: Pictures, links, primary: int) -> dict:
     """One input as the page shows it (short keys: data.js holds one per input).
 
     i: BASE's input order, n: key, c: top-1 changed, f: top-5 changed, a: agreement (lowest r of the
@@ -139,7 +173,7 @@ def _label(top: dict[str, Any]) -> str:
     return str(top.get("label") if top.get("label") is not None else top.get("class"))
 
 
-def _forget_missing(record: dict[str, Any], thumbs: Thumbnails) -> None:
+def _forget_missing(record: dict[str, Any], thumbs: Pictures) -> None:
     """Drop the names of pictures that could not be made (unreadable or vanished sources)."""
     if record.get("o") and not thumbs.has(record["o"]):
         record["o"] = record["v"] = None

@@ -2,7 +2,7 @@
 
 It renders whatever methods and metrics eval.json holds:
     methods:   {method: {metric: {mean, low, high, n}}}
-    metrics:   {metric: {label, better: "higher" | "lower"}}        (optional)
+    metrics:   {metric: {label, better: "higher" | "lower", space, reference}}   (optional; each key too)
     per_class: {label: {method: {metric: {mean, low, high, n}}}}    (optional)
     curves:    {method: {deletion: [...], insertion: [...]}}        (optional; fractions 0..1, evenly spaced)
     images, model, target_layer, problems
@@ -19,12 +19,18 @@ from markupsafe import Markup
 from ..outputs import OutputError, describe
 from .site import STATIC, environment, fixed, method_name, write_atomic
 
-KNOWN_METRICS = {  # the labels and directions of today's metrics, when eval.json does not say
-    "energy": ("energy in mask", "higher"),
-    "pointing": ("pointing game", "higher"),
-    "iou": ("top-20% IoU", "higher"),
+KNOWN_METRICS = {  # the labels and directions of today's localisation metrics, when eval.json does not say
+    "pointing_game": ("pointing game", "higher"),
+    "relevance_mass_accuracy": ("relevance mass accuracy", "higher"),
+    "relevance_rank_accuracy": ("relevance rank accuracy", "higher"),
+    "roc_auc": ("ROC AUC against the mask", "higher"),
     "deletion_auc": ("deletion AUC", "lower"),
     "insertion_auc": ("insertion AUC", "higher"),
+}
+SPACES = {
+    "original": "the original inputs",
+    "input": "the model input",
+    "layer grid": "the target layer's grid",
 }
 
 
@@ -49,7 +55,8 @@ def write_eval_page(out: Path, report: dict[str, Any]) -> Path:
 
 
 def metric_columns(report: dict[str, Any], tables: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Every metric in the report, in first-seen order, with its label and better direction."""
+    """Every metric in the report, in first-seen order, with its label, better direction, and (where
+    eval.json says) the published notion it is and where it was computed."""
     declared = report.get("metrics") or {}
     keys = dict.fromkeys(declared)
     for table in tables:
@@ -59,8 +66,15 @@ def metric_columns(report: dict[str, Any], tables: list[dict[str, Any]]) -> list
     for key in keys:
         label, better = KNOWN_METRICS.get(key, (key, ""))
         info = declared.get(key) or {}
+        space = str(info.get("space", ""))
         columns.append(
-            {"key": key, "label": str(info.get("label", label)), "better": info.get("better", better)}
+            {
+                "key": key,
+                "label": str(info.get("label", label)),
+                "better": info.get("better", better),
+                "reference": str(info.get("reference", "")),
+                "space": SPACES.get(space, space),
+            }
         )
     return columns
 

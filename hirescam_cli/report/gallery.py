@@ -1,193 +1,103 @@
 """`hirescam report OUT`: the run's files -> OUT/report/index.html, its data, thumbnails and assets.
 
-The first page of cards is in the HTML (readable without JavaScript); every image's record goes to
-data.js, loaded by a script tag (file:// pages cannot fetch JSON), from which report.js sorts, filters
-and pages. Every link is relative, so the OUT folder can move or be served by any static host.
+The first page of cards is in the HTML (readable without JavaScript). index.js holds what sorting and
+filtering need of every input, and the cards come in chunks the page loads when it shows them
+(script files: file:// pages cannot fetch JSON); report.js sorts, filters and pages. A report
+rewrites only what changed since the last one (see chunks.py). Every link is relative, so the OUT
+folder can move or be served by any static host.
 """
 
-import collections
 import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ..outputs import OutputError, describe
-from .run_files import Entry, Run, read_run
-from .site import STATIC, environment, fixed, method_name, write_atomic
-from .thumbnails import THUMB_SIDE, VIEW_SIDE, Thumbnails
+from .chunks import PAGE_SIZE, Chunks, StaleManifest, Totals
+from .run_files import Ledger, read_ledger, read_summary
+from .site import STATIC, environment, method_name, write_atomic
 
-PAGE_SIZE = 48  # cards per page: the DOM never holds more
-FAILURES_LISTED = 1000  # failed inputs listed in the HTML itself (all of them are in data.js)
 ASSETS = ("report.css", "report.js")
 
 
 def write_report(out: Path, workers: int | None = None) -> Path:
     """Write (or bring up to date) OUT/report/ for the run in OUT; returns the path of index.html.
 
-    Only files under OUT/report are written, each atomically; thumbnails are made only for new or
-    changed pictures (in `workers` processes, default: the usable cores) and unused ones removed.
+    Only files under OUT/report are written, each atomically; summaries are read and thumbnails made
+    only for new or changed inputs (in `workers` processes, default: the usable cores), and what no
+    card uses any more is removed.
     """
-    run = read_run(out)
-    folder = run.root / "report"
+    ledger = read_ledger(out)
+    folder = ledger.root / "report"
+    workers = workers or len(os.sched_getaffinity(0))
+    configured = list(ledger.info.get("config", {}).get("explain", {}).get("methods") or [])
     try:
-        thumbs = Thumbnails(folder / "thumbs")
-        methods = run_methods(run)
-        images = [image_record(run.root, entry, methods, thumbs) for entry in run.entries]
-        thumbs.make(workers or len(os.sched_getaffinity(0)))
-        for record in images:
-            _forget_missing(record, thumbs)
-        page = page_data(run, methods, images)
-        for name in ASSETS:
-            write_atomic(folder / "assets" / name, (STATIC / name).read_bytes())
-        write_atomic(folder / "data.js", data_script(page))
-        html = environment().get_template("index.html.j2").render(page=page, facts=run_facts(run))
-        write_atomic(folder / "index.html", html.encode())
-        thumbs.prune()
+        try:
+            return _write(folder, ledger, configured, workers, read_ledger=False)
+        except StaleManifest:
+            return _write(folder, read_ledger(out), configured, workers, read_ledger=True)
     except OSError as e:
         raise OutputError(f"cannot write the report under {folder}: {describe(e)}") from None
+
+
+def _write(folder: Path, ledger: Ledger, configured: list[str], workers: int, read_ledger: bool) -> Path:
+    with Chunks(folder, ledger, configured, workers) as chunks:
+        chunks.update(read_ledger)
+        totals = chunks.totals
+        first = _first_summary(ledger, totals)
+        page = page_data(ledger, first, chunks.methods, chunks.labels, totals)
+        keys = ("title", "methods", "labels", "page_size", "counts", "classes", "unexplained")
+        chunks.finish({k: page[k] for k in keys})
+        for name in ASSETS:
+            asset, path = (STATIC / name).read_bytes(), folder / "assets" / name
+            if not path.is_file() or path.read_bytes() != asset:
+                write_atomic(path, asset)
+        html = (
+            environment()
+            .get_template("index.html.j2")
+            .render(page=page, facts=run_facts(ledger, first, totals))
+        )
+        write_atomic(folder / "index.html", html.encode())
+        chunks.prune()
     return folder / "index.html"
 
 
-def run_methods(run: Run) -> list[str]:
-    """The methods of the run, in its configured order (then any others its summaries name)."""
-    configured = run.info.get("config", {}).get("explain", {}).get("methods") or []
-    found = dict.fromkeys(configured)
-    for entry in run.entries:
-        for target in (entry.summary or {}).get("targets", []):
-            found.update(dict.fromkeys(target.get("maps", {})))
-    return list(found)
+SUMMARY_FACTS = ("model", "target_layer", "layout", "guarantee")  # in run.json, else in every summary
 
 
-def link(relative: str) -> str:
-    """A URL, relative to OUT/report/, of a file given relative to OUT (every character escaped)."""
-    return "../" + quote(relative, safe="/")
+def _first_summary(ledger: Ledger, totals: Totals) -> dict[str, Any]:
+    """The first input's summary, when run.json lacks facts that it holds (a run that did not finish)."""
+    if totals.first_summary is None or all(ledger.info.get(fact) is not None for fact in SUMMARY_FACTS):
+        return {}
+    return read_summary(ledger.root, totals.first_summary)[0] or {}
 
 
-def image_record(root: Path, entry: Entry, methods: list[str], thumbs: Thumbnails) -> dict[str, Any]:
-    """One image as the page shows it (short keys: data.js holds one per input).
-
-    i: input order, n: name, s: status, e: error, w/h: size, o/v: original thumbnail/view,
-    d: a volume's grid, spacing and orientation (it has no o/v), z: why no class is explained (when t
-    is empty), t: targets, each c: class, l: label, p: probability, g: completeness gap, r: Pearson r
-    and u: top-20% IoU of HiResCAM vs Grad-CAM, f: HiResCAM's prefix-token sum, x: identical by
-    construction, m: per method [thumbnail, full-size link, NIfTI link or null] (null where the
-    method is absent).
-    """
-    record: dict[str, Any] = {"i": entry.index, "n": entry.name, "s": entry.status}
-    if entry.summary is None:
-        record["e"] = entry.error
-        return record
-    summary = entry.summary
-    record["w"], record["h"] = summary.get("width"), summary.get("height")
-    scan = scan_text(summary)
-    if scan is not None:  # a volume: no picture of its own (its maps' pictures show the scan)
-        record["d"], record["o"], record["v"] = scan, None, None
-    else:
-        source = str(summary.get("input", ""))
-        original = thumbs.add(Path(source), (THUMB_SIDE, VIEW_SIDE), "input:" + source, original=True)
-        record["o"], record["v"] = original or (None, None)
-    record["t"] = [_target(root, target, methods, thumbs) for target in summary.get("targets", [])]
-    if not record["t"]:
-        record["z"] = _why_none(summary)
-    return record
-
-
-def scan_text(summary: dict[str, Any]) -> str | None:
-    """A volume's voxel grid, spacing and orientation ("56 x 48 x 36 voxels of 3 x 3.5 x 4.5 mm, LPS"),
-    from its summary's fields; None for a picture's summary (which has none of them)."""
-    shape, spacing = summary.get("shape"), summary.get("spacing")
-    if not (isinstance(shape, list) and isinstance(spacing, list)):
-        return None
-    times = " \N{MULTIPLICATION SIGN} "
-    text = f"{times.join(map(str, shape))} voxels of {times.join(f'{s:g}' for s in spacing)} mm"
-    return text + (f", {summary['orientation']}" if summary.get("orientation") else "")
-
-
-def _why_none(summary: dict[str, Any]) -> str:
-    """Why an image has no explained class: none passed the threshold (naming the best), or none was asked."""
-    none = summary.get("no_target")
-    if not isinstance(none, dict):
-        return "no class explained"
-    best = f"{none.get('best_label', none.get('best_class'))}, p {fixed(none.get('best_probability'), 3)}"
-    return f"no class above the threshold {none.get('threshold')} (best: {best})"
-
-
-def _target(root: Path, target: dict[str, Any], methods: list[str], thumbs: Thumbnails) -> dict[str, Any]:
-    agreement = target.get("agreement") or {}
-    out = {
-        "c": target.get("class"),
-        "l": str(target.get("label", target.get("class"))),
-        "p": target.get("probability"),
-        "g": target.get("completeness_gap"),
-        "r": agreement.get("pearson"),
-        "u": agreement.get("top20_iou"),
-    }
-    if "hirescam_prefix_sum" in target:
-        out["f"] = target["hirescam_prefix_sum"]
-    if "identical_by_construction" in target:
-        out["x"] = bool(target["identical_by_construction"])
-    maps = target.get("maps", {})
-    out["m"] = []
-    for method in methods:
-        png = (maps.get(method) or {}).get("png")
-        if png is None:
-            out["m"].append(None)
-            continue
-        names = thumbs.add(root / png, (THUMB_SIDE,), "png:" + png)
-        nifti = maps[method].get("nifti")
-        out["m"].append([names[0] if names else None, link(png), link(nifti) if nifti else None])
-    return out
-
-
-def _forget_missing(record: dict[str, Any], thumbs: Thumbnails) -> None:
-    """Drop the names of pictures that could not be made (unreadable or vanished sources)."""
-    if record.get("o") and not thumbs.has(record["o"]):
-        record["o"] = record["v"] = None
-    for target in record.get("t", []):
-        for cell in target["m"]:
-            if cell is not None and not thumbs.has(cell[0]):
-                cell[0] = None
-
-
-def page_data(run: Run, methods: list[str], images: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything the page is built from (data.js holds it whole; the HTML its first page)."""
-    counts = collections.Counter(record["s"] for record in images)
-    labels = collections.Counter(t["l"] for record in images for t in record.get("t", ()))
-    unexplained = sum(1 for r in images if r["s"] != "error" and not r.get("t"))
+def page_data(
+    ledger: Ledger, first: dict[str, Any], methods: list[str], labels: list[str], totals: Totals
+) -> dict[str, Any]:
+    """What index.html is built from (index.js holds the facts report.js needs)."""
+    classes = [(labels[i], count) for i, count in totals.labels.items() if count]
     return {
-        "title": str(run.info.get("model") or _first(run, "model") or "run"),
+        "title": str(ledger.info.get("model") or first.get("model") or "run"),
         "methods": [[m, method_name(m)] for m in methods],
+        "labels": labels,
         "page_size": PAGE_SIZE,
-        "counts": {status: counts.get(status, 0) for status in ("ok", "skipped", "error")},
-        "classes": sorted(labels.items(), key=lambda kv: (-kv[1], kv[0])),
-        "unexplained": unexplained,
-        "images": images,
+        "inputs": totals.inputs,
+        "counts": totals.counts,
+        "classes": sorted(classes, key=lambda kv: (-kv[1], kv[0])),
+        "unexplained": totals.unexplained,
+        "first": [{**record, "i": i, "s": status} for i, status, record in totals.first],
     }
 
 
-def data_script(page: dict[str, Any]) -> bytes:
-    """data.js: the page's data as JSON in a string literal (V8 parses that several times faster than
-    the same object literal), with the characters that could end a script or a line escaped."""
-    text = json.dumps(page, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
-    literal = json.dumps(text, ensure_ascii=False)
-    for char in "<>&\u2028\u2029":
-        literal = literal.replace(char, f"\\u{ord(char):04x}")
-    return f"window.HIRESCAM_REPORT = JSON.parse({literal});\n".encode()
-
-
-def _first(run: Run, field: str) -> Any:
-    return next((e.summary.get(field) for e in run.entries if e.summary and e.summary.get(field)), None)
-
-
-def run_facts(run: Run) -> dict[str, Any]:
+def run_facts(ledger: Ledger, first: dict[str, Any], totals: Totals) -> dict[str, Any]:
     """The header: (label, text) facts, the effective config as JSON, and notes about the run's files."""
-    info = run.info
+    info = ledger.info
     facts = [
-        ("Model", info.get("model") or _first(run, "model")),
-        ("Target layer", info.get("target_layer") or _first(run, "target_layer")),
+        ("Model", info.get("model") or first.get("model")),
+        ("Target layer", info.get("target_layer") or first.get("target_layer")),
     ]
-    layout = info.get("layout") or _first(run, "layout")
+    layout = info.get("layout") or first.get("layout")
     if isinstance(layout, dict):
         text = str(layout.get("kind", "?"))
         if layout.get("grid"):
@@ -195,7 +105,12 @@ def run_facts(run: Run) -> dict[str, Any]:
         if layout.get("prefix_tokens"):
             text += f", {layout['prefix_tokens']} prefix tokens"
         facts.append(("Layout", text))
-    facts.append(("Guarantee", _guarantee(info.get("guarantee", _guarantee_of_summaries(run)))))
+    guarantee = (
+        info["guarantee"]
+        if "guarantee" in info
+        else next((t.get("guarantee") for t in first.get("targets", [])), None)
+    )
+    facts.append(("Guarantee", _guarantee(guarantee)))
     if "identical_by_construction" in info and info["identical_by_construction"] is not None:
         same = info["identical_by_construction"]
         facts.append(("HiResCAM = Grad-CAM", "yes, by construction" if same else "no"))
@@ -205,7 +120,7 @@ def run_facts(run: Run) -> dict[str, Any]:
         parts = [f"{counts.get(k, 0)} {k}" for k in ("ok", "skipped", "error")]
         if counts.get("not_reached"):
             parts.append(f"{counts['not_reached']} not reached")
-        facts.append(("Inputs", f"{counts.get('inputs', len(run.entries))}: " + ", ".join(parts)))
+        facts.append(("Inputs", f"{counts.get('inputs', totals.inputs)}: " + ", ".join(parts)))
     timings = info.get("timings") or {}
     if timings:
         text = f"started {timings.get('started', '?')}, {timings.get('seconds', '?')} s"
@@ -230,17 +145,10 @@ def run_facts(run: Run) -> dict[str, Any]:
     return {
         "facts": [(label, str(value)) for label, value in facts if value is not None],
         "config": json.dumps(extra, indent=2, ensure_ascii=False) if extra else None,
-        "notes": run.notes,
-        "failures": [e for e in run.entries if e.status == "error"][:FAILURES_LISTED],
-        "failures_total": sum(1 for e in run.entries if e.status == "error"),
+        "notes": ledger.notes,
+        "failures": totals.failures,
+        "failures_total": totals.failures_total,
     }
-
-
-def _guarantee_of_summaries(run: Run) -> bool | None:
-    for entry in run.entries:
-        for target in (entry.summary or {}).get("targets", []):
-            return target.get("guarantee")
-    return None
 
 
 def _guarantee(value: Any) -> str:

@@ -1,6 +1,7 @@
-"""What both pages share: the Jinja environment, number formats, method names and atomic writes."""
+"""What both pages share: the Jinja environment, number formats, method names, script data, atomic writes."""
 
 import decimal
+import json
 import math
 import os
 from pathlib import Path
@@ -65,3 +66,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def js_string(text: str) -> str:
+    """A JavaScript string literal of `text` that is safe in a script file or tag (no <, >, & or line
+    separators appear as themselves). `JSON.parse` of it is how the pages load large data: V8 parses
+    that several times faster than the same object literal."""
+    literal = json.dumps(text, ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        literal = literal.replace(char, f"\\u{ord(char):04x}")
+    return literal

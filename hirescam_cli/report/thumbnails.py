@@ -2,7 +2,7 @@
 
 A picture's file name is a hash of its source (path, size, modification time) and its size class, so
 an existing file is up to date by construction: a new or changed source gets a new name, and names no
-longer used are removed. The folder of names is the manifest.
+longer used are removed (the report's manifest says which; see chunks.py).
 """
 
 import hashlib
@@ -32,69 +32,80 @@ class Job:
 
 
 class Thumbnails:
-    """The pictures of one report folder: plans what is missing, makes it, prunes what is unused."""
+    """The pictures of one report folder: names them, makes the missing ones, removes unused ones.
 
-    def __init__(self, folder: Path):
+    Use it as a context manager: the processes that make pictures live until it closes.
+    """
+
+    def __init__(self, folder: Path, workers: int):
         self.folder = folder
-        self.existing = _listing(folder)
-        self.used: set[str] = set()
+        self.workers = workers
         self.jobs: list[Job] = []
+        self.planned: set[str] = set()  # names of the jobs not yet made
+        self.failed: set[str] = set()  # names that could not be made (unreadable sources)
+        self._pool: ProcessPoolExecutor | None = None
 
-    def add(
-        self, source: Path, sides: tuple[int, ...], identity: str, original: bool = False
-    ) -> list[str] | None:
-        """Names (relative to the folder) of `source` at each longest side; None if it cannot be read."""
-        try:
-            stat = source.stat()
-        except OSError:
-            return None
+    def __enter__(self) -> "Thumbnails":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    @staticmethod
+    def names(identity: str, stamp: tuple[int, int], sides: tuple[int, ...]) -> list[str]:
+        """The names of a source's pictures at each longest side, from its identity, size and mtime."""
         names = []
         for side in sides:
-            source_id = f"{identity}\0{stat.st_size}\0{stat.st_mtime_ns}\0{side}"
-            digest = hashlib.sha1(source_id.encode()).hexdigest()
+            digest = hashlib.sha1(f"{identity}\0{stamp[0]}\0{stamp[1]}\0{side}".encode()).hexdigest()
             names.append(f"{digest[:2]}/{digest[2:22]}.jpg")
-        todo = tuple((n, s) for n, s in zip(names, sides, strict=True) if n not in self.existing)
-        if todo:
-            self.jobs.append(Job(str(source), todo, original))
-        self.used.update(names)
         return names
 
-    def make(self, workers: int) -> int:
+    def add(self, source: str, names: list[str], sides: tuple[int, ...], original: bool) -> None:
+        """Plan the pictures of `source` (named by `names`) that are neither on disk nor planned."""
+        folder = str(self.folder)
+        todo = tuple(
+            (n, s)
+            for n, s in zip(names, sides, strict=True)
+            if n not in self.planned and not os.path.exists(os.path.join(folder, n))
+        )
+        if todo:
+            self.jobs.append(Job(source, todo, original))
+            self.planned.update(n for n, _ in todo)
+
+    def make(self) -> int:
         """Make every planned picture (in `workers` processes when there are many); returns how many."""
         for name in {n for job in self.jobs for n, _ in job.outputs}:
             (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
         jobs = [(str(self.folder), job) for job in self.jobs]
-        if workers > 1 and len(jobs) >= POOL_FROM:
-            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-                made = list(pool.map(_make, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers)))))
+        if self.workers > 1 and len(jobs) >= POOL_FROM:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("fork"))
+            chunksize = max(1, min(64, len(jobs) // (8 * self.workers)))
+            made = list(self._pool.map(_make, jobs, chunksize=chunksize))
         else:
             made = [_make(job) for job in jobs]
-        self.existing.update(n for names in made for n in names)
-        self.jobs = []
-        return sum(map(len, made))
+        done = {n for names in made for n in names}
+        self.failed |= self.planned - done
+        self.jobs, self.planned = [], set()
+        return len(done)
 
-    def has(self, name: str | None) -> bool:
-        return name is not None and name in self.existing
-
-    def prune(self) -> int:
-        """Remove pictures no longer used; returns how many."""
-        stale = self.existing - self.used
-        for name in stale:
+    def remove(self, names: set[str]) -> None:
+        """Remove pictures no card uses any more."""
+        for name in names:
             (self.folder / name).unlink(missing_ok=True)
-        self.existing -= stale
-        return len(stale)
 
-
-def _listing(folder: Path) -> set[str]:
-    names = set()
-    try:
-        subfolders = list(os.scandir(folder))
-    except OSError:
+    def listing(self) -> set[str]:
+        """Every picture in the folder."""
+        names = set()
+        try:
+            subfolders = list(os.scandir(self.folder))
+        except OSError:
+            return names
+        for sub in subfolders:
+            if sub.is_dir(follow_symlinks=False):
+                names.update(f"{sub.name}/{e.name}" for e in os.scandir(sub.path) if e.name.endswith(".jpg"))
         return names
-    for sub in subfolders:
-        if sub.is_dir(follow_symlinks=False):
-            names.update(f"{sub.name}/{e.name}" for e in os.scandir(sub.path) if e.name.endswith(".jpg"))
-    return names
 
 
 def _make(task: tuple[str, Job]) -> list[str]:
