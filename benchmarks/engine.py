@@ -3,12 +3,15 @@
     python benchmarks/engine.py [--models resnet50 vgg16 vit_b_16 swin_t] [--batch 8] [--rounds 5]
 
 Random weights, 224x224, the layer `auto` picks (a token layer for vit_b_16, channels-last
-stages then the final map for swin_t). Each round times every variant once, in turn, so that drift in the
-machine's load hits all of them alike; the table reports the median over rounds.
+stages then the final map for swin_t). A name torchvision does not know is a timm model
+(deit_base_distilled_patch16_224, vit_base_patch16_224, ...). Each round times every variant
+once, in turn, so that drift in the machine's load hits all of them alike; the table reports
+the median over rounds.
 """
 
 import argparse
 
+import timm
 import torch
 import torchvision
 from timing import interleaved
@@ -22,9 +25,16 @@ VARIANTS = {
 }
 
 
+def build(arch: str) -> torch.nn.Module:
+    """A torchvision model by name, else a timm one, with random weights."""
+    if arch in torchvision.models.list_models():
+        return torchvision.models.get_model(arch)
+    return timm.create_model(arch, pretrained=False)
+
+
 def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
     """Print one model's table."""
-    model = torchvision.models.get_model(arch).to(device).eval()
+    model = build(arch).to(device).eval()
     x = torch.randn(batch, 3, 224, 224, device=device)
 
     def plain():
@@ -37,8 +47,11 @@ def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
             calls[name] = lambda m=methods, k=k: explainer(x, methods=m, top_k=k)
         times = interleaved(calls, rounds, device, batch)
         layer, layout = explainer.target_layer, explainer.layout(x)
+        cut = explainer.rows.of(x)
     base = times["plain inference forward"]
     print(f"\n{arch} (target layer {layer}, {layout}, batch {batch}, {device}, median of {rounds})")
+    if cut.modules:
+        print(f"backward over the first {cut.keep} rows only after the layer: {', '.join(cut.modules)}")
     print(f"{'variant':28s} {'s/image':>9s} {'ratio':>7s}")
     for name, median in times.items():
         print(f"{name:28s} {median:9.4f} {median / base:6.3f}x")
