@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..formats import picture_of
 from ..outputs import OutputError, describe
 from .run_files import Entry, Run, read_run
 from .site import STATIC, environment, fixed, method_name, write_atomic
@@ -114,12 +115,12 @@ def _target(root: Path, target: dict[str, Any], methods: list[str], thumbs: Thum
     maps = target.get("maps", {})
     out["m"] = []
     for method in methods:
-        png = (maps.get(method) or {}).get("png")
-        if png is None:
+        picture = picture_of(maps.get(method) or {})
+        if picture is None:
             out["m"].append(None)
             continue
-        names = thumbs.add(root / png, (THUMB_SIDE,), "png:" + png)
-        out["m"].append([names[0] if names else None, link(png)])
+        names = thumbs.add(root / picture, (THUMB_SIDE,), "png:" + picture)
+        out["m"].append([names[0] if names else None, link(picture)])
     return out
 
 
