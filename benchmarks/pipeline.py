@@ -50,6 +50,7 @@ def inference_only(config, inputs: list[str]) -> float:
     start = time.perf_counter()
     with torch.inference_mode(), amp:
         for batch in loader:
+            batch = session.modality.finish(batch, device)  # the run's decoder: JPEGs on a CUDA device
             model(batch.inputs.to(device, non_blocking=True)).argmax(1).cpu()
     return time.perf_counter() - start
 

@@ -120,6 +120,7 @@ class ExplainRun:
                 try:
                     with torch.no_grad():
                         for batch in self.loader:
+                            batch = session.modality.finish(batch, session.device)
                             records = self._batch(batch, renderer)
                             failed = len(batch.failed)
                             del batch  # its pictures are drawn: free them before the next batch comes
