@@ -12,8 +12,9 @@ each with its own code (`python -m hirescam_cli` with PYTHONPATH set to that tre
   - `hirescam layers` of the demo model and of the ResNet-18.
 Every PNG and .npy must be byte-identical, every summary.json and results.jsonl equal (the config
 fingerprint aside: it hashes the package version and config keys, which a revision may change), every
-number of eval.json equal, and the layers tables equal. Prints one line per check; exits 1 if any
-differs.
+number of eval.json equal, and the layers tables equal. Fields a summary gains are not differences:
+they are listed once per run ("added to summaries: ..."), while every field the old summary has must
+be equal. Prints one line per check; exits 1 if any differs.
 """
 
 import argparse
@@ -91,8 +92,29 @@ def hirescam(tree: Path, *args: object) -> str:
     return done.stdout
 
 
-def compare_outs(old: Path, new: Path) -> list[str]:
-    """What differs between two OUT folders: pictures and raw maps byte for byte, summaries and ledger."""
+def json_diff(old, new, path: str = "") -> tuple[set[str], list[str]]:
+    """The fields only `new` has (list items as []), and where `old`'s values differ or are gone."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        added = {f"{path}{key}" for key in new.keys() - old.keys()}
+        changed = [f"{path}{key} (gone)" for key in sorted(old.keys() - new.keys())]
+        for key in sorted(old.keys() & new.keys()):
+            more, differ = json_diff(old[key], new[key], f"{path}{key}.")
+            added |= more
+            changed += differ
+        return added, changed
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        added, changed = set(), []
+        for a, b in zip(old, new, strict=True):
+            more, differ = json_diff(a, b, f"{path.removesuffix('.')}[].")
+            added |= more
+            changed += differ
+        return added, changed
+    return set(), [] if old == new else [path.removesuffix(".") or "(the value)"]
+
+
+def compare_outs(old: Path, new: Path, added: set[str] | None = None) -> list[str]:
+    """What differs between two OUT folders: pictures and raw maps byte for byte, summaries and ledger;
+    fields the new summaries gain go to `added`."""
     problems = []
 
     def files(root: Path) -> set[str]:
@@ -112,7 +134,11 @@ def compare_outs(old: Path, new: Path) -> list[str]:
             left, right = json.loads(left), json.loads(right)
             left.pop("fingerprint", None)
             right.pop("fingerprint", None)
-        if left != right:
+            more, differ = json_diff(left, right)
+            if added is not None:
+                added |= more
+            problems += [f"differs: {name}: {', '.join(differ[:5])}"] if differ else []
+        elif left != right:
             problems.append(f"differs: {name}")
     return problems
 
@@ -174,9 +200,12 @@ def main() -> None:
             outs = {side: work / f"{side}-out{number}" for side in trees}
             for side, tree in trees.items():
                 hirescam(tree, "explain", run[0], "-o", outs[side], *run[1:])
-            problems = compare_outs(outs["old"], outs["new"])
+            added: set[str] = set()
+            problems = compare_outs(outs["old"], outs["new"], added)
             count = len([p for p in outs["old"].rglob("*") if p.suffix in (".png", ".npy")])
             print(f"{name:44s} {count:4d} PNG/.npy files  {'identical' if not problems else 'DIFFERENT'}")
+            if added:
+                print(f"    added to summaries: {', '.join(sorted(added))}")
             for problem in problems[:10]:
                 print(f"    {problem}")
             failed |= bool(problems)

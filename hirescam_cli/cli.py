@@ -20,14 +20,16 @@ EXIT_CODES = {
     3: "outputs cannot be written (folder unusable, disk full): the run stops",
     4: "OUT is locked by another run (--wait waits for it instead)",
     5: "torchrun job: a process stopped before finishing; rerun to complete",
+    6: "compare: a gate failed (one line per failed gate on stderr)",
     130: "interrupted (Ctrl-C, SIGTERM): stopped after the current batch",
 }
 
 
-def epilog(examples: list[str], codes: tuple[int, ...]) -> str:
-    """Examples and exit codes for a command's --help, kept as typed (\\b stops click rewrapping)."""
+def epilog(examples: list[str], codes: tuple[int, ...], meanings: dict[int, str] | None = None) -> str:
+    """Examples and exit codes for a command's --help, kept as typed (\\b stops click rewrapping);
+    `meanings` says what a code means for this command where EXIT_CODES's words do not fit."""
     lines = ["\b", "Examples:", *(f"  {example}" for example in examples), "", "\b", "Exit codes:"]
-    lines += [f"  {code:<4d}{EXIT_CODES[code]}" for code in codes]
+    lines += [f"  {code:<4d}{(meanings or {}).get(code, EXIT_CODES[code])}" for code in codes]
     return "\n".join(lines)
 
 
@@ -40,7 +42,8 @@ def _classes(value: str | None) -> list[int | str] | None:
 
 
 def _model_flags(model: str | None) -> dict:
-    """--model NAME is a torchvision arch, timm:NAME (a hub prefix) a hub's; --model pkg.mod:fn a factory."""
+    """--model NAME is a torchvision arch, timm:NAME or hf:NAME (a hub prefix) a hub's; --model pkg.mod:fn
+    a factory."""
     if model is None:
         return {}
     factory = ":" in model and not has_source_prefix(model)
@@ -75,7 +78,8 @@ config_option = click.option(
 model_options = _options(
     click.option(
         "--model",
-        help="A torchvision model name (resnet50), timm:NAME, or package.module:callable (runs that code).",
+        help="A torchvision model name (resnet50), timm:NAME, hf:PATH_OR_NAME (a Hugging Face folder or hub "
+        "name), or package.module:callable (runs that code).",
     ),
     click.option(
         "--weights",
@@ -84,6 +88,12 @@ model_options = _options(
     ),
     click.option(
         "--checkpoint", type=click.Path(path_type=Path), help="A state_dict file to load (as data only)."
+    ),
+    click.option(
+        "--allow-pickle/--no-allow-pickle",
+        default=None,
+        help="hf: models: also load pickled weights (pytorch_model.bin, as tensors only) if there are no "
+        "safetensors.",
     ),
     click.option("--labels", type=click.Path(path_type=Path), help="Labels file, one label per line."),
     click.option(
@@ -124,6 +134,7 @@ def model_overrides(model: str | None, flags: dict) -> dict:
         **_model_flags(model),
         "model.weights": flags.pop("weights", None),
         "model.checkpoint": flags.pop("checkpoint", None),
+        "model.allow_pickle": flags.pop("allow_pickle", None),
         "model.labels": flags.pop("labels", None),
         "model.target_layer": flags.pop("target_layer", None),
         "model.layout": flags.pop("layout", None),
@@ -253,6 +264,63 @@ def report_command(out, wait) -> None:
         click.echo(write_report(out))
     finally:
         lock.release()
+
+
+@cli.command(
+    name="compare",
+    short_help="Compare two runs' explanations; gate a release in CI.",
+    epilog=epilog(
+        [
+            "hirescam compare base_out new_out",
+            "hirescam compare base_out new_out -o compare --min-agreement 0.9 --max-changed 0.02",
+            "hirescam compare base_out new_out --min-agreement-each 0.5 --wait",
+        ],
+        (0, 2, 3, 4, 6),
+        {
+            0: "compared; every gate set passed",
+            2: "usage error, or runs that cannot be compared: one line on stderr, nothing written",
+            3: "-o DIR cannot be written",
+            4: "BASE or NEW is locked by a run (--wait waits for it instead)",
+        },
+    ),
+)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), help="Write compare.json and compare.html here."
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(-1, 1),
+    metavar="R",
+    help="Gate: the median over inputs of HiResCAM's Pearson r (BASE vs NEW) must reach R.",
+)
+@click.option(
+    "--max-changed",
+    type=click.FloatRange(0, 1),
+    metavar="F",
+    help="Gate: the fraction of inputs whose top-1 class changed must not exceed F.",
+)
+@click.option(
+    "--min-agreement-each",
+    type=click.FloatRange(-1, 1),
+    metavar="R",
+    help="Gate: every input's HiResCAM Pearson r must reach R.",
+)
+@click.option("--wait", is_flag=True, help="If a run holds BASE or NEW, wait for it instead of exiting 4.")
+def compare_command(base, new, out, min_agreement, max_changed, min_agreement_each, wait) -> None:
+    """Compare two runs (OUT folders of `hirescam explain`) of the same inputs: BASE and NEW.
+
+    Inputs are matched by key and sha256. Per input and class explained on both sides: the prediction
+    change, and per method how far the maps agree once both are registered onto the original (Pearson r
+    of the normalised maps, top-20% IoU, peak distance). Prints a Markdown summary (appended to
+    $GITHUB_STEP_SUMMARY when set); -o writes compare.json and compare.html. A failed gate exits 6.
+    """
+    from .compare import Gates, run_compare
+
+    gates = Gates(min_agreement, max_changed, min_agreement_each)
+    say = lambda message: click.echo(f"hirescam: {message}", err=True)  # noqa: E731
+    sys.exit(run_compare(base, new, out, gates, wait, say))
 
 
 @cli.command(

@@ -30,7 +30,8 @@ class ModelConfig:
     checkpoint: Path | None = None
     num_classes: int | None = None
     labels: Path | None = None
-    multilabel: bool = False  # sigmoid outputs (probabilities, thresholds) instead of softmax
+    multilabel: bool | None = None  # sigmoid outputs (probabilities, thresholds); None: the model's own
+    allow_pickle: bool = False  # hf: also pickled weights (pytorch_model.bin, read as tensors only)
     target_layer: str = "auto"
     layout: str = "auto"  # how the target layer holds its map: auto, nchw, nhwc or tokens
     grid: tuple[int, int] | None = None  # the token grid (h, w); None: inferred
@@ -128,6 +129,15 @@ def _text(key: str, value: Any, _base: Path) -> str:
     if not isinstance(value, str) or not value:
         raise _fail(key, value, "a non-empty string")
     return value
+
+
+def _arch(key: str, value: Any, base: Path) -> str:
+    """A model name; hf:PATH with PATH a folder relative to the config's folder is made absolute."""
+    name = _text(key, value, base)
+    folder = Path(name.removeprefix("hf:")).expanduser()
+    if name.startswith("hf:") and not folder.is_absolute() and (base / folder).is_dir():
+        return f"hf:{(base / folder).resolve()}"
+    return name
 
 
 def _path(key: str, value: Any, base: Path) -> Path:
@@ -260,13 +270,14 @@ def _png(key: str, value: Any, _base: Path) -> str:
 VALIDATORS = {
     "input": {"kind": _text},  # checked against the modalities when the run opens
     "model": {
-        "arch": _text,
+        "arch": _arch,
         "factory": _text,
         "weights": _text,
         "checkpoint": _path,
         "num_classes": _positive,
         "labels": _path,
         "multilabel": _flag,
+        "allow_pickle": _flag,
         "target_layer": _text,
         "layout": _choice("auto", "nchw", "nhwc", "tokens"),
         "grid": _grid,
@@ -339,12 +350,13 @@ def _check_whole(config: Config) -> None:
     model = config.model
     if bool(model.arch) == bool(model.factory):
         raise ConfigError(
-            "set exactly one of model.arch (a torchvision model name or timm:NAME) "
+            "set exactly one of model.arch (a torchvision model name, timm:NAME or hf:PATH_OR_NAME) "
             "or model.factory (module:callable)"
         )
-    if model.arch and model.arch.startswith("timm:") and model.weights not in (None, "none"):
+    if model.arch and model.arch.startswith(("timm:", "hf:")) and model.weights not in (None, "none"):
+        hub = "timm" if model.arch.startswith("timm:") else "Hugging Face"
         raise ConfigError(
-            'model.weights names torchvision weights; timm models take "none" (random weights) or '
+            f'model.weights names torchvision weights; {hub} models take "none" (random weights) or '
             "model.checkpoint"
         )
     if model.factory and model.weights:
@@ -377,6 +389,8 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
         section, key = dotted.split(".")
         if key in ("checkpoint", "labels"):
             value = str(Path(value).resolve())
+        if key == "arch" and value.startswith("hf:") and Path(value[3:]).expanduser().is_dir():
+            value = f"hf:{Path(value[3:]).expanduser().resolve()}"  # a folder, relative to this folder
         raw.setdefault(section, {})[key] = value
     chosen = [key for key in SELECTION if f"explain.{key}" in flags]
     if len(chosen) > 1:

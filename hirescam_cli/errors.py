@@ -9,6 +9,7 @@ EXIT_USAGE = 2  # usage or config error: nothing written
 EXIT_OUTPUT = 3  # outputs cannot be written
 EXIT_LOCKED = 4  # OUT is locked by another run
 EXIT_RANK_LOST = 5  # a process of a torchrun job stopped before reporting: the ledgers cover the others
+EXIT_GATE = 6  # hirescam compare: a gate failed (one line per failed gate)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: stopped after the current batch
 
 

@@ -82,7 +82,7 @@ def run_eval(
     items = discover(images, accepts=accepts(config.input.kind))
     resources = session.resources
     loader = make_loader(InputDataset(items, modality), resources.batch_size, resources.workers)
-    score_fn = torch.sigmoid if config.model.multilabel else (lambda logits: torch.softmax(logits, -1))
+    score_fn = torch.sigmoid if session.multilabel else (lambda logits: torch.softmax(logits, -1))
     names = FIDELITY + (LOCALISATION if masks is not None else ())
     values: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in names} for m in METHODS}
     curves: dict[str, dict[str, list[torch.Tensor]]] = {m: {"deletion": [], "insertion": []} for m in METHODS}

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,12 +184,13 @@ class OutputDir:
         inside = real.relative_to(self._real_root).parts
         if not inside or inside[0] in RESERVED:
             raise OutputError(f"refusing to write {folder}: it resolves to {real}, which OUT uses itself")
-        if real.exists() and not real.is_dir():
+        if _is_other_than_folder(real):
             raise OutputError(f"refusing to replace {folder}: it exists and is not a folder")
         return real
 
     def _commit(self, staging: Path, target: Path) -> list[Path]:
-        """Put the folder `staging` at `target` in one atomic step; returns where the sets it replaced are.
+        """Put the folder `staging` at `target` in one atomic step; returns where the sets it replaced are,
+        the newest first (so the folders they carry are the newest: see `replacing`).
 
         Without an atomic exchange the old folder is moved aside first: a kill between that rename and the
         next leaves no folder at all (the input is then not done, and the next run redoes it), never a mix.
@@ -211,10 +213,10 @@ class OutputDir:
             try:
                 if self.atomic_exchange:
                     exchange(staging, target)
-                    return [*replaced, staging]
+                    return [staging, *replaced]
                 aside = self._temp_path()
                 os.rename(target, aside)
-                replaced.append(aside)
+                replaced.insert(0, aside)
             except FileNotFoundError:  # the folder went meanwhile: rename into its place
                 continue
         raise OutputError(f"cannot put {target} in place: its folder kept changing")
@@ -242,6 +244,15 @@ class OutputDir:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lock=threading.Lock(), _names=itertools.count())
+
+
+def _is_other_than_folder(path: Path) -> bool:
+    """Whether something that is not a folder is at `path`, asked once (another input's swap may be moving
+    a folder there or away meanwhile: missing is fine)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _carry_folders(old: Path, new: Path) -> None:

@@ -171,7 +171,7 @@ class ExplainRun:
         session, sink, config = self.session, self.sink, self.config
         methods, save_raw = config.explain.methods, config.output.save_raw
         numbers = batch_numbers(
-            result, config.model.multilabel, lambda maps: session.modality.locate(maps, batch.views)
+            result, session.multilabel, lambda maps: session.modality.locate(maps, batch.views)
         )
         raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if save_raw else None
         keys = [self.items[index].key for index in batch.indices]

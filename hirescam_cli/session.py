@@ -85,6 +85,7 @@ class Session:
     loaded: LoadedModel
     modality: Any  # a modality (hirescam_cli.modalities)
     classes: list[int] | None  # explain.classes as ids (None: top-k or threshold)
+    multilabel: bool  # sigmoid outputs: model.multilabel, else what the model says (hf's problem_type)
     explainer: Explainer | None = None
 
     @classmethod
@@ -110,9 +111,10 @@ class Session:
         loaded = load_model(config.model, load_weights)
         modality = open_modality(config, loaded.transforms, pictures).for_device(device)
         classes = class_ids(explain.classes, loaded.labels)
-        if explain.threshold is not None and not config.model.multilabel:
+        multilabel = loaded.multilabel if config.model.multilabel is None else config.model.multilabel
+        if explain.threshold is not None and not multilabel:
             raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
-        session = cls(config, job, device, resources, loaded, modality, classes)
+        session = cls(config, job, device, resources, loaded, modality, classes, multilabel)
         loaded.module.to(device)
         if explainer:
             session.explainer = session._checked_explainer()

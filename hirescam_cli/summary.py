@@ -1,6 +1,7 @@
 """Per-input numbers for the JSON summaries, computed batched on the device over the maps' flat grid
 positions (any rank) and copied back once; where a peak lies in the input is the modality's to say."""
 
+import base64
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from .engine import Explanation
 
 SCHEMA = "hirescam-cli/summary/1"
 TOP_FRACTION = 0.2  # the "top region" of a map for IoU agreement
+GRID_POSITIONS = 1024  # a map of at most this many grid positions is kept in the summary (`compare` reads it)
 
 
 def _g(value: float) -> float | None:
@@ -42,8 +44,9 @@ def top_region_iou(a: Tensor, b: Tensor, fraction: float = TOP_FRACTION) -> Tens
 def batch_numbers(
     result: Explanation, multilabel: bool, locate: Callable[[Tensor], Tensor]
 ) -> dict[str, Any]:
-    """Every number the summaries need, as nested Python lists (one device-to-host copy); `locate` gives
-    the peak of each (B, T, *grid) map in the input's coordinates (the modality's)."""
+    """Every number the summaries need, as nested Python lists, and the maps of at most GRID_POSITIONS
+    positions as `grid_maps` keeps them; `locate` gives the peak of each (B, T, *grid) map in the input's
+    coordinates (the modality's)."""
     logits = result.logits
     probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)
     top = logits.topk(min(5, logits.shape[1]), dim=-1).indices
@@ -69,7 +72,27 @@ def batch_numbers(
     if "hirescam" in result.maps and "gradcam" in result.maps:
         numbers["pearson"] = pearson(result.maps["hirescam"], result.maps["gradcam"])
         numbers["iou"] = top_region_iou(result.maps["hirescam"], result.maps["gradcam"])
-    return {k: v.cpu().tolist() for k, v in numbers.items()}
+    numbers = {k: v.cpu().tolist() for k, v in numbers.items()}
+    for name, maps in result.maps.items():
+        if math.prod(maps.shape[2:]) <= GRID_POSITIONS:
+            numbers[f"{name}.grid"] = grid_maps(maps)
+    return numbers
+
+
+def grid_maps(maps: Tensor) -> list[list[dict[str, Any]]]:
+    """(B, T, *grid) maps as summaries keep them: the grid's shape, the largest magnitude (`scale`), and the
+    map divided by it as little-endian float16, row-major, in base64."""
+    flat = maps.flatten(2).float()
+    scale = flat.abs().amax(-1, keepdim=True)
+    values = (flat / torch.where(scale > 0, scale, 1.0)).half().cpu().numpy().astype("<f2")
+    shape, scales = list(maps.shape[2:]), scale[..., 0].cpu().tolist()
+    return [
+        [
+            {"shape": shape, "scale": _g(s), "float16": base64.b64encode(v.tobytes()).decode()}
+            for v, s in zip(row, row_scales, strict=True)
+        ]
+        for row, row_scales in zip(values, scales, strict=True)
+    ]
 
 
 def label_of(labels: list[str] | None, index: int) -> str:
@@ -110,6 +133,8 @@ def image_summary(
                 "sum": _g(numbers[f"{name}.sum"][row][t]),
                 "peak": [int(v) for v in numbers[f"{name}.peak"][row][t]],
             }
+            if f"{name}.grid" in numbers:
+                maps[name]["grid"] = numbers[f"{name}.grid"][row][t]
         target = {
             "class": cls,
             "label": label_of(labels, cls),

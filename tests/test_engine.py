@@ -266,3 +266,44 @@ def test_mixed_precision_gives_nearly_the_same_maps():
     assert b.maps["hirescam"].dtype == torch.float32
     scale = a.maps["hirescam"].abs().max()
     assert (a.maps["hirescam"] - b.maps["hirescam"]).abs().max() < 0.05 * scale
+
+
+class Paired(nn.Module):
+    """A layer that returns a tuple, as Hugging Face layers and attention modules do."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return (None, self.inner(x), (x.shape[-2], x.shape[-1]))
+
+
+class First(nn.Module):
+    def forward(self, pair: tuple) -> torch.Tensor:
+        return pair[1]
+
+
+def test_a_layer_returning_a_tuple_is_read_and_replaced_through_its_first_tensor():
+    """Capture, trace, diagnostics and occlusion read a tuple's first tensor and hand the rest on."""
+    plain = small_net()
+    paired = nn.Sequential(*plain[:3], Paired(plain[3]), First(), *plain[4:]).eval()
+    x = noise(2, 3, 16, 16)
+    with Explainer(plain, "3") as explainer:
+        expected = explainer(x, methods=tuple(METHODS), top_k=2)
+        occlusion = explainer.occlusion(x, expected.classes)
+        traced = explainer.capture.trace(x)
+        identical = explainer.identical_layers(x, [i for i in traced if i.name == "3"])
+    with Explainer(paired, "3") as explainer:
+        result = explainer(x, methods=tuple(METHODS), top_k=2)
+        assert torch.equal(explainer.occlusion(x, result.classes), occlusion)
+        traced = explainer.capture.trace(x)
+        assert explainer.identical_layers(x, [i for i in traced if i.name == "3"]) == identical
+        assert identical["3"] is not None  # the diagnostics' gradient reached the tuple's tensor
+    for name in METHODS:
+        assert torch.equal(result.maps[name], expected.maps[name])
+    assert result.guarantee == expected.guarantee
+    assert torch.equal(result.completeness_gap, expected.completeness_gap)
+    info = next(i for i in traced if i.name == "3")
+    assert info.shape == (1, 8, 8, 8) and str(info.layout) == "nchw 8x8"
+    assert no_hooks(paired)

@@ -107,6 +107,14 @@ def test_tokens_from_the_models_prefix_count_and_patch_grid():
     assert infer("x", (1, 50, 768), pooled) == Layout("tokens", (7, 7), 1)  # N - P = 49 at stride 32
 
 
+def test_a_1d_channels_first_output_of_a_2d_model_is_not_tokens():
+    """Swin's pooler: (B, K, 1) from a 1-D adaptive pool, which prefix count 0 must not read as tokens."""
+    swin = ModelHints((32, 32), prefix_tokens=0)
+    assert infer("swin.layernorm", (1, 16, 16), swin) == Layout("tokens", (4, 4), 0)
+    with pytest.raises(LayoutError, match=r"a 1-D map \(B, K, L\), not tokens over the input's 2-D grid"):
+        infer("swin.pooler", (1, 16, 1), swin, evidence=module_evidence(nn.AdaptiveAvgPool1d(1), (1, 16, 1)))
+
+
 def test_tokens_grid_from_the_patch_embedding_conv():
     layout = infer("x", (1, 197, 64), HINTS_224, conv_grids=((64, (14, 14)), (32, (56, 56))))
     assert layout == Layout("tokens", (14, 14), 1)

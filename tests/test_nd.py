@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from determinism import noise, seeded
+from test_methods import Split
 from torch import nn
 
 from hirescam_cli import METHODS, Explainer
@@ -18,17 +19,6 @@ RTOL, ATOL = 1e-5, 1e-4
 
 def conv(rank: int):
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
-
-
-class Split(nn.Module):
-    """features -> head, with the boundary as the target layer `features`."""
-
-    def __init__(self, features: nn.Module, head: nn.Module):
-        super().__init__()
-        self.features, self.head = features, head
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 @seeded()

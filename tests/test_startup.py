@@ -1,6 +1,7 @@
 """Answers that need no model come without torch: help pages (with examples and exit codes), the version,
-usage errors, a locked OUT, and `hirescam report`."""
+usage errors, a locked OUT, and `hirescam report` (`hirescam compare` too: tests/test_compare.py)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def cli_without_torch(*args: object) -> tuple[int, str, bool]:
         (["explain", "in", "-o", "out", "--bogus"], 2),
         (["explain", "in", "-o", "out", "--top-k", "0"], 2),
         (["eval", "--help"], 0),
+        (["compare", "--help"], 0),
+        (["compare", "a", "b", "--min-agreement", "2"], 2),
     ],
 )
 def test_help_version_and_usage_errors_need_no_torch(args, code):
@@ -78,7 +81,9 @@ def test_every_help_page_has_examples_exit_codes_and_described_flags(name):
     command = commands()[name]
     page = command.get_help(click.Context(command, info_name=name))
     assert "Examples:" in page and f"hirescam {name}" in page.split("Examples:")[1]
-    assert "Exit codes:" in page and f"  0   {EXIT_CODES[0]}" in page
+    codes = page.split("Exit codes:")[1]
+    listed = [int(code) for code in re.findall(r"\n    (\d+) ", codes)]
+    assert listed[0] == 0 and set(listed) <= set(EXIT_CODES)
     for param in command.params:
         if isinstance(param, click.Option):
             assert param.help, f"{name} {param.opts[0]} has no description"

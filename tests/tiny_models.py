@@ -107,3 +107,44 @@ def tiny_swin() -> nn.Module:
 def gap_net() -> nn.Module:
     """tiny_net's features, then global average pooling + linear: HiResCAM == Grad-CAM at "3"."""
     return nn.Sequential(*_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def perturbed_net() -> nn.Module:
+    """tiny_net with seeded noise added to its head's weights: a "retrained" model whose predictions and
+    maps differ from tiny_net's on some inputs."""
+    from determinism import noise
+
+    model = tiny_net()
+    with torch.no_grad():
+        weight = model[5].weight
+        weight.add_(noise(*weight.shape, seed=1) * weight.abs().mean() * 1.5)
+    return model
+
+
+def _grid_net(strides: int) -> nn.Module:
+    """Conv features of 28x28 inputs with `strides` stride-2 convolutions (grid 14x14 or 7x7), then flatten
+    + linear."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()]
+    for _ in range(strides):
+        layers += [nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()]
+    side = 28 >> strides
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * side * side, 3))
+
+
+@seeded()
+def grid14_net() -> nn.Module:
+    """A 14x14 grid for 28x28 inputs (compare across grids)."""
+    return _grid_net(1)
+
+
+@seeded()
+def grid7_net() -> nn.Module:
+    """A 7x7 grid for 28x28 inputs (compare across grids)."""
+    return _grid_net(2)
+
+
+@seeded()
+def grid33_net() -> nn.Module:
+    """A 33x33 grid for 66x66 inputs: more positions than a summary keeps (1,024)."""
+    layers = [nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(2 * 33 * 33, 3))

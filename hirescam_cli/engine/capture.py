@@ -49,21 +49,23 @@ class Capture:
     def run_with(self, x: Tensor, replace: Callable[[Tensor], Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Forward x with a hook that maps the target layer's raw output through `replace`.
 
-        The raw output is in the layer's own layout (`self.layout(x)` reads it as a grid map).
+        The raw output is in the layer's own layout (`self.layout(x)` reads it as a grid map); of a
+        layer that returns a tuple, it is the tuple's first tensor, and the rest is passed on as it is.
         """
         layout = self.layout(x)
         module = layers.get_module(self.model, self.target_layer)
         outputs: list[Tensor] = []
 
-        def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
-            if not isinstance(output, Tensor) or not layout.fits(tuple(output.shape)):
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+            tensor = layers.first_tensor(output)
+            if tensor is None or not layout.fits(tuple(tensor.shape)):
+                shape = tuple(tensor.shape) if tensor is not None else type(output).__name__
                 raise ValueError(
                     f"target layer {self.target_layer!r} outputs {shape}, which does not fit its "
                     f"layout {layout} (see `hirescam layers`)"
                 )
-            outputs.append(output)
-            return replace(output)
+            outputs.append(tensor)
+            return layers.with_first(output, replace(tensor))
 
         handle = module.register_forward_hook(hook)
         try:

@@ -40,11 +40,12 @@ def identical_layers(
 
     def keep(info: layers.LayerInfo):
         def hook(_module: nn.Module, _inputs: object, output: object) -> object:
-            fits = isinstance(output, Tensor) and info.layout.fits(tuple(output.shape))
-            if not fits or not output.requires_grad:
+            tensor = layers.first_tensor(output)
+            fits = tensor is not None and info.layout.fits(tuple(tensor.shape))
+            if not fits or not tensor.requires_grad:
                 return None
-            outputs[info.name] = output
-            return output.clone()  # a later in-place op then rewrites the clone, not this node
+            outputs[info.name] = tensor
+            return layers.with_first(output, tensor.clone())  # a later in-place op rewrites the clone
 
         return hook
 

@@ -25,6 +25,8 @@ LINEAR_NODES = {
     "ViewBackward0",
     "UnsafeViewBackward0",
     "ReshapeAliasBackward0",
+    "AsStridedBackward0",  # also 1-D adaptive average pooling's view of its input
+    "AsStridedBackward1",
     "PermuteBackward0",
     "TBackward0",
     "TransposeBackward0",
@@ -67,6 +69,7 @@ PRODUCT_NODES = {
     "CudnnConvolutionBackward0",
     "LinearBackward0",
 }
+QUOTIENT_NODES = {"DivBackward0"}  # linear in the numerator, while the denominator is a constant
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ def graph_is_linear(root: object) -> bool:
         name = node.name()
         if name in PRODUCT_NODES:
             if len(inputs) > 1:
+                return False
+        elif name in QUOTIENT_NODES:
+            if node.next_functions[1][0] is not None:  # the denominator depends on the target
                 return False
         elif name not in LINEAR_NODES and name != "torch::autograd::AccumulateGrad":
             return False

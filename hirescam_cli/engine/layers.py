@@ -24,6 +24,7 @@ class LayerInfo:
     problem: str | None = None  # why there is no layout (not spatial, or undecidable: names the key)
     ambiguous: bool = False  # spatial, but the layout is undecidable without the config
     grid_gradient: bool | None = None  # the probe score depends on its grid (None: not probed)
+    projection: bool = False  # its module is an nn.Linear (e.g. an attention's query, key or value)
 
     @property
     def positions(self) -> int:
@@ -34,6 +35,26 @@ class LayerInfo:
     def channels(self) -> int:
         """K of a spatial output, else 0."""
         return self.layout.channels(self.shape) if self.layout is not None else 0
+
+
+def first_tensor(output: object) -> Tensor | None:
+    """What hooks read of a module's output: the tensor itself, or the first tensor of a tuple (the
+    layers of Hugging Face models, attention modules); None when there is none."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, tuple):
+        return next((item for item in output if isinstance(item, Tensor)), None)
+    return None
+
+
+def with_first(output: object, tensor: Tensor) -> object:
+    """A module's output with the tensor `first_tensor` reads replaced by `tensor` (for hooks that
+    replace an output), the rest of a tuple kept as it was."""
+    if isinstance(output, Tensor):
+        return tensor
+    index = next(i for i, item in enumerate(output) if isinstance(item, Tensor))
+    items = (*output[:index], tensor, *output[index + 1 :])
+    return type(output)(*items) if hasattr(output, "_fields") else items  # a namedtuple stays one
 
 
 @dataclass
@@ -66,11 +87,12 @@ def trace_layers(
     def recorder(name: str, module: nn.Module):
         leaf = next(module.children(), None) is None and next(module.parameters(), None) is None
 
-        def hook(_module: nn.Module, inputs: tuple, output: object) -> None:
+        def hook(_module: nn.Module, inputs: tuple, raw: object) -> None:
+            output = first_tensor(raw)
             count = calls.pop(name).calls + 1 if name in calls else 1
             source = None
             first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-            if isinstance(output, Tensor):
+            if output is not None:
                 source = made_by(output)  # a container handing on a child's output
                 if source is None and leaf and first is not None and first.shape == output.shape:
                     source = made_by(first)  # an elementwise module (activation, dropout)
@@ -110,7 +132,7 @@ def _describe(
     for name, call in calls.items():
         shape = shapes[name]
         if shape is None:
-            problem = f"layer {name!r} does not output a tensor"
+            problem = f"layer {name!r} does not output a tensor (nor a tuple holding one)"
             infos[name] = LayerInfo(name, None, call.calls, problem=problem)
             continue
         if not shape or shape[0] != batch:
@@ -124,7 +146,8 @@ def _describe(
             evidence = inherited.layout.kind
         try:
             layout = layouts.infer(name, shape, hints, spec, evidence, conv_grids)
-            infos[name] = LayerInfo(name, shape, call.calls, layout=layout)
+            projection = isinstance(call.module, nn.Linear)
+            infos[name] = LayerInfo(name, shape, call.calls, layout=layout, projection=projection)
         except layouts.LayoutError as e:
             infos[name] = LayerInfo(name, shape, call.calls, problem=str(e), ambiguous=e.ambiguous)
     return list(infos.values())
@@ -177,8 +200,10 @@ def choose_auto(layers: list[LayerInfo]) -> str:
     """Where the model looked: the last once-run spatial layer whose grid the scores depend on.
 
     Needs a probed trace. Among such layers, the last one as wide (K) as the network's last
-    spatial layer wins, so a ViT gets its last block's input norm rather than a wider attention
-    projection; a layer with a single grid position is taken only when there is nothing else.
+    spatial layer wins, and the output of a linear projection only when nothing else is left, so a
+    ViT gets its last block's input norm rather than a wider attention projection (timm's qkv) or
+    one of its separate key and value projections (Hugging Face's); a layer with a single grid
+    position is taken only when there is nothing else.
     """
     usable = [i for i in layers if i.calls == 1 and i.layout is not None and i.grid_gradient]
     spatial = [i for i in usable if i.positions > 1] or usable
@@ -189,7 +214,8 @@ def choose_auto(layers: list[LayerInfo]) -> str:
         )
     grids = [i for i in layers if i.calls == 1 and i.layout is not None and i.positions > 1]
     width = grids[-1].channels if grids else 0
-    return ([i for i in spatial if i.channels == width] or spatial)[-1].name
+    wide = [i for i in spatial if i.channels == width] or spatial
+    return ([i for i in wide if not i.projection] or wide)[-1].name
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

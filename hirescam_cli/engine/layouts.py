@@ -220,14 +220,19 @@ def infer(
     `evidence` is what the module type (or the module it passes through) says about the output;
     `conv_grids` lists (channels, grid) of the model's channels-first layers, so a token layer of
     width K can find the grid of the patch embedding that made its tokens. A (B, N, K) output is
-    tokens, unless the model input has one grid axis and the module (a 1-D convolution) or the config
-    says it is a 1-D map.
+    tokens, unless the module says it is channels-first (a 1-D convolution or pooling): then it is a
+    1-D map, readable when the model input has one grid axis too, or the config says it is a 1-D map.
     """
     family = spec.family
     rank = len(hints.input_size)
     if len(shape) == 3 and rank == 1 and (evidence == FIRST or family in (FIRST, LAST)):
         return _infer_map(name, shape, hints.input_size, family, evidence)
     if len(shape) == 3:
+        if evidence == FIRST:
+            raise LayoutError(
+                f"layer {name!r} outputs {shape} from a channels-first module: a 1-D map (B, K, L), not "
+                f"tokens over the input's {rank}-D grid"
+            )
         if family in (FIRST, LAST):
             raise LayoutError(
                 f"layer {name!r} outputs tokens {shape}, not a map over the input's grid: model.layout = "

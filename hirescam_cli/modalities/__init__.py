@@ -17,8 +17,14 @@ A modality is a class with
     describe(views, row) -> dict    the summary fields of one input (its size, its pictures')
     locate(maps, views) -> Tensor   the peak of each (B, T, *grid) map in the input's own coordinates
     renderer(config, device)        what turns a batch's maps into pictures on the input, in parts
-and a torch-free module of its files with `accepts(name) -> bool` for folder walks. A new kind is
-those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
+a torch-free module of its files with `accepts(name) -> bool` for folder walks, and a torch-free module of
+its geometry for `hirescam compare`, reading where maps lie from the summary fields `describe` wrote:
+    footing(base, new) -> Footing | None    the common footing of two summaries of one input (None: their
+                                    maps share no part of it; ValueError: a summary lacks the geometry),
+                                    whose `sample(side, grid)` reads a side's map (its grid shape) there
+    peak_distance(base, peak, new, peak) -> float   how far apart two peaks lie, in the input's units
+    FOOTING                         one line saying what the footing is (compare.json records it)
+A new kind is those files plus one line in KINDS (see docs/extending.md). This package imports no torch.
 """
 
 import importlib
@@ -26,13 +32,18 @@ from collections.abc import Callable
 
 from ..errors import UsageError
 
-# kind -> (the modality class, in this package; the module of its files)
-KINDS = {"images": ("images.Images", "image_files")}
+# kind -> (the modality class, in this package; the module of its files; the module of its geometry)
+KINDS = {"images": ("images.Images", "image_files", "image_geometry")}
 
 
 def accepts(kind: str) -> Callable[[str], bool]:
     """The file-name test of a kind's folder walks (torch-free)."""
     return importlib.import_module(f"{__name__}.{_entry(kind)[1]}").accepts
+
+
+def geometry(kind: str):
+    """The module that reads a kind's map geometry from its summaries (torch-free; `hirescam compare`)."""
+    return importlib.import_module(f"{__name__}.{_entry(kind)[2]}")
 
 
 def open_modality(config, transforms, pictures: bool = True):
@@ -43,7 +54,7 @@ def open_modality(config, transforms, pictures: bool = True):
     return modality.from_config(config, transforms, pictures)
 
 
-def _entry(kind: str) -> tuple[str, str]:
+def _entry(kind: str) -> tuple[str, str, str]:
     if kind not in KINDS:
         raise UsageError(f"input.kind = {kind!r} is not allowed: expected one of {', '.join(KINDS)}")
     return KINDS[kind]

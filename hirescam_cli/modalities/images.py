@@ -174,7 +174,8 @@ class Images:
         return pictures
 
     def describe(self, views: PictureViews, row: int) -> dict:
-        """The summary fields of one picture: its size, and its overlays' (the PNGs') size and scale."""
+        """The summary fields of one picture: its size, its overlays' (the PNGs') size and scale, and the box
+        of the original its maps cover (what image_geometry registers them through)."""
         (height, width), (shown_height, shown_width) = views.sizes[row], views.pictures[row].shape[1:]
         return {
             "width": int(width),
@@ -184,6 +185,7 @@ class Images:
                 "height": int(shown_height),
                 "scale": max(shown_width, shown_height) / max(width, height),
             },
+            "box": [float(v) for v in views.boxes[row].tolist()],
         }
 
     def locate(self, maps: Tensor, views: PictureViews) -> Tensor:
@@ -205,7 +207,8 @@ class Images:
     def masks_to_input(self, masks: Sequence[Tensor]) -> Tensor:
         """Masks (H, W) bool of the originals through the same resize and crop -> bool (N, h, w) over the
         model input."""
-        geometry = Preprocess(self.preprocess.resize, self.preprocess.crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        pre = self.preprocess
+        geometry = Preprocess(pre.resize, pre.crop, (0.0,) * 3, (1.0,) * 3, crop_rounding=pre.crop_rounding)
         return torch.stack(
             [
                 geometry(torch.as_tensor(m).to(torch.uint8).mul(255).expand(3, -1, -1))[0][0] > 0.5
@@ -274,14 +277,16 @@ def _is_size(value: object) -> bool:
     )
 
 
-def _crop_start(size: int, crop: int) -> int:
-    """Where torchvision's center_crop starts along one axis (negative when it pads)."""
+def _crop_start(size: int, crop: int, rounding: str = "round") -> int:
+    """Where a centre crop starts along one axis (negative when it pads): torchvision's center_crop rounds
+    half the margin to even ("round"), Hugging Face's image processors take its floor ("floor")."""
     if crop > size:
         return -((crop - size) // 2)
-    return round((size - crop) / 2.0)
+    return (size - crop) // 2 if rounding == "floor" else round((size - crop) / 2.0)
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+CROP_ROUNDINGS = ("round", "floor")
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,7 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # of the resize: bilinear or bicubic (antialiased), or nearest
+    crop_rounding: str = "round"  # where an odd margin puts the crop: round (torchvision) or floor (HF)
 
     def __post_init__(self) -> None:
         """Reject sizes and statistics that cannot work."""
@@ -305,6 +311,8 @@ class Preprocess:
         if self.interpolation not in INTERPOLATIONS:
             allowed = ", ".join(INTERPOLATIONS)
             raise ValueError(f"interpolation must be one of {allowed}; got {self.interpolation!r}")
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(f"crop_rounding must be round or floor; got {self.crop_rounding!r}")
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -331,8 +339,9 @@ class Preprocess:
         top, left, out_h, out_w = 0, 0, resized_h, resized_w
         if self.crop is not None:
             out_h, out_w = _pair(self.crop)
-            image = TF.center_crop(image, [out_h, out_w])
-            top, left = _crop_start(resized_h, out_h), _crop_start(resized_w, out_w)
+            top = _crop_start(resized_h, out_h, self.crop_rounding)
+            left = _crop_start(resized_w, out_w, self.crop_rounding)
+            image = TF.crop(image, top, left, out_h, out_w)  # zero-padded where the crop is larger
         box = (
             left * width / resized_w,
             top * height / resized_h,
@@ -344,7 +353,12 @@ class Preprocess:
 
 
 def make_preprocess(config: PreprocessConfig, transforms: Any) -> "Preprocess":
-    """Config values, else the model's preset (torchvision weights, timm), else ImageNet's 256 / 224."""
+    """Config values, else the model's preset (torchvision weights, timm, Hugging Face), else ImageNet's
+    256 / 224.
+
+    A preset has resize_size, crop_size (None: no crop), mean, std and interpolation, and may have
+    crop_rounding (where an odd margin puts the centre crop; torchvision's rounding otherwise).
+    """
     resize = config.resize or (_preset_size(transforms.resize_size) if transforms else 256)
     crop = config.crop
     if crop is None and not isinstance(config.resize, tuple):  # an exact resize in the config: no crop
@@ -353,8 +367,14 @@ def make_preprocess(config: PreprocessConfig, transforms: Any) -> "Preprocess":
     std = config.std or (tuple(transforms.std) if transforms else IMAGENET_STD)
     preset = getattr(transforms, "interpolation", "bilinear")
     interpolation = config.interpolation or getattr(preset, "value", preset)  # torchvision's is an enum
+    if interpolation not in INTERPOLATIONS:  # a Hugging Face processor's lanczos, say
+        raise ConfigError(
+            f"the model's preprocessing resamples with {interpolation}, which this one does not have: set "
+            "preprocess.interpolation (bilinear, bicubic or nearest)"
+        )
+    rounding = getattr(transforms, "crop_rounding", "round")
     _check_crop(config, resize, crop, "the model's preset" if transforms else "the default")
-    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+    return Preprocess(resize, crop, mean, std, interpolation, rounding)
 
 
 def _check_crop(config: PreprocessConfig, resize, crop, origin: str) -> None:
@@ -388,6 +408,8 @@ def _size_text(size) -> str:
     return str(size) if isinstance(size, int) else str(list(size))
 
 
-def _preset_size(size: list[int]) -> int | tuple[int, int]:
-    """A preset's [side] or [h, w] as the Preprocess size."""
+def _preset_size(size: list[int] | None) -> int | tuple[int, int] | None:
+    """A preset's [side] or [h, w] as the Preprocess size (None: none)."""
+    if size is None:
+        return None
     return size[0] if len(size) == 1 else (size[0], size[1])

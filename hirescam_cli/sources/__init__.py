@@ -2,6 +2,7 @@
 
     resnet50            torchvision_models.py  (a torchvision classification model and its weights)
     timm:NAME           timm_models.py
+    hf:PATH_OR_NAME     hf_models.py           (a Hugging Face transformers image classifier)
     factory = "m:fn"    factory.py             (a callable that returns an nn.Module: runs that code)
     checkpoint = FILE   checkpoint.py          (a state_dict loaded as data, whatever the source)
 
@@ -14,7 +15,8 @@ import importlib
 
 from ..errors import UsageError
 
-SOURCES = {"timm": "timm_models"}  # model.arch prefix -> the module of this package that builds it
+# model.arch prefix -> the module of this package that builds it
+SOURCES = {"timm": "timm_models", "hf": "hf_models"}
 DEFAULT = "torchvision_models"  # model.arch without a prefix
 
 

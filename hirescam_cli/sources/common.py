@@ -1,8 +1,8 @@
 """What every model source shares: the loaded model's description, seeded building, the offline check,
 and the finishing steps (a checkpoint, labels, eval mode).
 
-Weights are a choice, never an accident: a torchvision or timm model without a checkpoint gets its
-pretrained weights (from the local cache, else downloaded when online), random weights only when the
+Weights are a choice, never an accident: a torchvision, timm or Hugging Face model without a checkpoint
+gets its pretrained weights (from the local cache, else downloaded when online), random weights only when the
 config says `weights = "none"`, and every model is built under a fixed seed, so whatever it
 initialises at random is the same in every run.
 """
@@ -34,8 +34,9 @@ class LoadedModel:
     module: nn.Module
     name: str  # for summaries: "resnet50 (IMAGENET1K_V2)", "pkg.mod:fn + ckpt.pt"
     labels: list[str] | None
-    transforms: Any | None  # the preprocessing preset (torchvision weights' or a TimmPreset), if any
+    transforms: Any | None  # the preprocessing preset (torchvision weights', a TimmPreset, an HfPreset)
     random_weights: bool = False  # weights = "none": the model was asked for with random weights
+    multilabel: bool = False  # the model says its outputs are sigmoids (a Hugging Face problem_type)
 
 
 def finish(loaded: LoadedModel, config, load_weights: bool) -> LoadedModel:
