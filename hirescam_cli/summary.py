@@ -124,8 +124,9 @@ def image_summary(
 ) -> dict:
     """The summary of input `row` of a batch: `base` fields plus predictions and targets.
 
-    `files(method, class)` gives the paths of a map's files by summary field ("png", "raw", ...), relative
-    to OUT. `extra` names the modality's numbers (see `batch_numbers`): "field" goes in each target,
+    `files(method, class)` gives the paths of a map's files by summary field, relative to OUT: its picture
+    under its format's name ("png", "jpeg" or "webp"), "raw", and the modality's other files ("nifti",
+    ...). `extra` names the modality's numbers (see `batch_numbers`): "field" goes in each target,
     "method.field" in that method's map. With a `threshold` that no class passes, `no_target` says so,
     with the best class and its probability.
     """

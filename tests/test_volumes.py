@@ -375,6 +375,19 @@ def volume_folder(root: Path, count: int) -> Path:
     return root
 
 
+def test_volume_pictures_in_another_format_sit_beside_their_nifti_maps_and_resume(tmp_path, capsys):
+    volumes = volume_folder(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    command = ["explain", volumes, "-o", out, "-c", volume_config(tmp_path), "--format", "webp"]
+    assert run(command, capsys)[0] == 0
+    for key in ("v00.nii.gz", "v01.nii.gz"):
+        for entry in summary(out, key)["targets"][0]["maps"].values():
+            assert "png" not in entry and (out / entry["webp"]).read_bytes()[8:12] == b"WEBP"
+            assert entry["nifti"].endswith(".nii.gz") and (out / entry["nifti"]).is_file()
+    code, _, err = run(command, capsys)  # the folders hold what their summaries list: nothing is redone
+    assert code == 0 and "0 explained, 2 skipped, 0 failed" in err
+
+
 def test_kill_9_then_rerun_gives_the_uninterrupted_volumes(tmp_path, capsys):
     from test_faults import start, tree, wait_for_summaries
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..batches import Batch
 from ..config import Config, ConfigError
 from .volume_files import read_volume
 from .volume_settings import VolumePreprocess
@@ -82,6 +83,10 @@ class Volumes:
     def __str__(self) -> str:
         return str(self.preprocess)
 
+    def for_device(self, device: torch.device) -> "Volumes":
+        """The same on every device: the workers decode every volume themselves."""
+        return self
+
     def input_shape(self) -> tuple[int, ...]:
         """(1, I, J, K) of every model input."""
         return (1, *self.preprocess.input_size)
@@ -114,6 +119,10 @@ class Volumes:
             facts=[v.facts for v in views],
             scans=[torch.from_numpy(v.scan) if v.scan is not None else None for v in views],
         )
+
+    def finish(self, batch: Batch, device: torch.device) -> Batch:
+        """The batch as the workers left it: nothing is left to decode on the device."""
+        return batch
 
     def describe(self, views: VolumeViews, row: int) -> dict:
         """The summary fields of one volume: its grid, spacing, orientation and affine, where it came from,

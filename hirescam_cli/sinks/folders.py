@@ -1,7 +1,8 @@
 """The first sink: a folder per input, OUT/<key>/, holding exactly what its summary lists.
 
     OUT/a/cat.jpg/summary.json           the input's summary, listing every other file of its folder
-    OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's)
+    OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's; .jpg, .webp
+                                         with output.format = "jpeg", "webp")
     OUT/a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
     OUT/a/cat.jpg/<method>-<class><suffix>  the modality's other files per map (volumes: .nii.gz)
 
@@ -15,13 +16,14 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import OutputError
-from ..outputs import RESERVED, OutputDir, encode_png, json_bytes, npy_bytes
+from ..formats import EXTENSIONS, file_bytes, picture_of
+from ..outputs import RESERVED, OutputDir, json_bytes, npy_bytes
 
 SUMMARY_NAME = "summary.json"
 
@@ -32,29 +34,36 @@ def summary_path(key: str) -> str:
 
 
 def map_paths(
-    key: str, method: str, cls: int, raw: bool, extra: dict[str, str] | None = None
+    key: str,
+    method: str,
+    cls: int,
+    raw: bool,
+    picture_format: str = "png",
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str | None]:
-    """Where a map's files go, relative to OUT, by summary field: its picture ("png"), with --save-raw its
-    raw array ("raw"), and the modality's other files (`extra`: field -> name suffix)."""
+    """Where a map's files go, relative to OUT, by summary field: its picture (under its format's name),
+    with --save-raw its raw array ("raw"), and the modality's other files (`extra`: field -> name suffix)."""
     stem = f"{key}/{method}-{cls}"
-    paths = {"png": f"{stem}.png", "raw": f"{stem}.npy" if raw else None}
+    paths = {picture_format: f"{stem}.{EXTENSIONS[picture_format]}", "raw": f"{stem}.npy" if raw else None}
     return paths | {field: f"{stem}{suffix}" for field, suffix in (extra or {}).items()}
 
 
 def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps, files=None) -> None:
-    """Write some of one input's PNGs (raw maps, other files) into its staging folder: a huge input's come
-    in several parts, from any writer, and `write_image` then puts the whole set in place.
+    """Write some of one input's pictures (raw maps, other files) into its staging folder: a huge input's
+    come in several parts, from any writer, and `write_image` then puts the whole set in place.
 
-    `pictures[method][t]` is the uint8 (H, W, 3) picture of summary["targets"][t], `raw_maps[method][t]`
-    (or raw_maps None) its float32 raw map, and `files[(method, t)]` (or files None) its other files by
-    summary field: payloads whose `encode()` gives the file's bytes (render.Part).
+    `pictures[method][t]` is the uint8 (H, W, 3) picture of summary["targets"][t] (or its file bytes,
+    encoded on the device), `raw_maps[method][t]` (or raw_maps None) its float32 raw map, and
+    `files[(method, t)]` (or files None) its other files by summary field: payloads whose `encode()` gives
+    the file's bytes (render.Part).
     """
     staging = outdir.staging(key)
     staging.mkdir(exist_ok=True)
     for method, overlays in pictures.items():
-        for t, pixels in overlays.items():
+        for t, picture in overlays.items():
             paths = summary["targets"][t]["maps"][method]
-            outdir.create(staging / _own_name(key, paths["png"]), encode_png(pixels, outdir.png))
+            data = file_bytes(picture, outdir.pictures)
+            outdir.create(staging / _own_name(key, picture_of(paths) or ""), data)
             if raw_maps is not None:
                 outdir.create(staging / _own_name(key, paths["raw"]), npy_bytes(raw_maps[method][t]))
             for field, payload in (files or {}).get((method, t), {}).items():
@@ -140,30 +149,45 @@ class ImageJob:
     files: dict[tuple[str, int], dict] | None = None  # (method, target) -> the modality's other files
 
 
-def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
-    """Write one job: its pictures (cut from the part, padded to the largest, to the input's own size) and,
-    when it is the input's last, its summary and the swap (run in a writer thread or process)."""
+def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray | list) -> None:
+    """Write one job: its pictures (cut from the part, padded to the largest, to the input's own size; or
+    their file bytes) and, when it is the input's last, its summary and the swap (run in a writer thread
+    or process)."""
     height, width = job.summary["overlay"]["height"], job.summary["overlay"]["width"]
-    own: dict[str, dict[int, np.ndarray]] = {}
+    own: dict[str, dict[int, np.ndarray | bytes]] = {}
     for channel, method, target in job.maps:
-        own.setdefault(method, {})[target] = pictures[job.row, channel, :height, :width]
+        picture = pictures[job.row][channel]
+        own.setdefault(method, {})[target] = (
+            picture if isinstance(picture, bytes) else picture[:height, :width]
+        )
     if job.complete:
         write_image(outdir, job.key, job.summary, own, job.raw_maps, job.files)
     else:
         write_maps(outdir, job.key, job.summary, own, job.raw_maps, job.files)
 
 
+def payload_bytes(job: ImageJob) -> int:
+    """What a job's other files hold until a writer encodes them."""
+    return sum(payload.nbytes for payloads in (job.files or {}).values() for payload in payloads.values())
+
+
 class FolderSink:
     """A folder per input under OUT, written by a pool of writer threads or processes (writers.py)."""
 
-    map_paths = staticmethod(map_paths)
     summary_path = staticmethod(summary_path)
 
-    def __init__(self, out: OutputDir, writers: int):
+    def __init__(self, out: OutputDir, writers: int, threads: int = 4):
         from .writers import Writers
 
         self.out = out
-        self.writers = Writers(writers)
+        self.writers = Writers(writers, threads)
+
+    def map_paths(
+        self, key: str, method: str, cls: int, raw: bool, extra: dict[str, str] | None = None
+    ) -> dict[str, str | None]:
+        """Where a map's picture (in the run's format), raw array and the modality's other files go: the
+        summary's entry of the map."""
+        return map_paths(key, method, cls, raw, self.out.pictures.name, extra)
 
     def resume_check(self, fingerprint: str) -> ResumeCheck:
         return ResumeCheck(self.out.root, fingerprint)
@@ -209,8 +233,15 @@ class FolderSink:
                 whole = part.channels == everything
                 at = row - part.rows.start
                 jobs.append(ImageJob(keys[row], summaries[row], at, own, raw, whole, files or None))
-            extra = sum(payload.nbytes for payloads in part.files.values() for payload in payloads.values())
-            written = self.writers.submit(write_job, self.out, part.pictures, jobs, extra)
+            if isinstance(part.pictures, np.ndarray):
+                extra = sum(map(payload_bytes, jobs))
+                written = self.writers.submit(write_job, self.out, part.pictures, jobs, extra)
+            else:  # encoded on the device: each input's few file bytes go to its writer alone
+                alone = [replace(job, row=0) for job in jobs]
+                written = [
+                    self.writers.submit(write_job, self.out, [files], [job], payload_bytes(job))[0]
+                    for files, job in zip(part.pictures, alone, strict=True)
+                ]
             for row, job, future in zip(part.rows, jobs, written, strict=True):
                 if job.complete:
                     futures[row] = future
