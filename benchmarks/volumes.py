@@ -4,10 +4,11 @@
 
 A MONAI DenseNet121 (3-D, one input channel, 4 classes, random weights) on 1 x SIDE^3 volumes, at the
 layer MONAI's examples use (class_layers.relu). Every variant runs once per round, interleaved, and the
-table reports the median per volume. MONAI's GradCAM backpropagates through the whole network for one
-class per call; "HiResCAM from MONAI's hooks" is what it takes to get HiResCAM's map out of MONAI by hand
-(its ModelWithHooks: forward, full backward, then sum(G * A)), per class. Then `hirescam explain` on
-NIfTI volumes end to end, and its peak memory, for two folder sizes (the memory should stay flat).
+table reports the median per volume and each round's ratio to that round's plain forward. MONAI's
+GradCAM backpropagates through the whole network for one class per call; "HiResCAM from MONAI's hooks"
+is what it takes to get HiResCAM's map out of MONAI by hand (its ModelWithHooks: forward, full
+backward, then sum(G * A)), per class. Then `hirescam explain` on NIfTI volumes end to end, and its
+peak memory, for two folder sizes (the memory should stay flat).
 CPU-heavy: a few rounds take minutes on 2 cores; note `uptime` beside the figures.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import copy
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import interleaved
+from timing import each_round
 
 from hirescam_cli import Explainer
 
@@ -75,12 +77,15 @@ def engine_table(side: int, rounds: int) -> None:
             "HiResCAM from MONAI hooks, 1": lambda: hirescam_by_hand(top3[:1]),
             "HiResCAM from MONAI hooks, 3": lambda: hirescam_by_hand(top3),
         }
-        times = interleaved(calls, rounds, device, 1)
-    base = times["plain inference forward"]
+        times = each_round(calls, rounds, device, 1)
+    plain_times = times["plain inference forward"]
+    base = statistics.median(plain_times)
     print(f"\nMONAI DenseNet121 3-D, 1 x {side}^3, layer {LAYER}, cpu, median of {rounds} (load {load()})")
-    print(f"{'variant':32s} {'s/volume':>9s} {'ratio':>7s}")
-    for name, median in times.items():
-        print(f"{name:32s} {median:9.3f} {median / base:6.2f}x")
+    print(f"{'variant':32s} {'s/volume':>9s} {'ratio':>7s}   each round's ratio to that round's forward")
+    for name, values in times.items():
+        median = statistics.median(values)
+        each = " ".join(f"{v / p:.2f}x" for v, p in zip(values, plain_times, strict=True))
+        print(f"{name:32s} {median:9.3f} {median / base:6.2f}x   {each}")
 
 
 CONFIG = """
