@@ -4,7 +4,8 @@
         [--rounds 5]
 
 Random weights, 224x224, the layer `auto` picks (a token layer for vit_b_16, channels-last
-stages then the final map for swin_t). A model is a torchvision name, or hf:TYPE, a Hugging Face
+stages then the final map for swin_t). A model is a torchvision name, a timm name (one torchvision
+does not know: deit_base_distilled_patch16_224, vit_base_patch16_224, ...), or hf:TYPE, a Hugging Face
 transformers classifier built from its config's defaults with 1000 classes (hf:vit is ViT-B/16, hf:convnext
 ConvNeXt-T), or hf:FOLDER (a save_pretrained folder, with random weights). Each round times every variant
 once, in turn, so that drift in the machine's load hits all of them alike; the table reports the median
@@ -14,6 +15,7 @@ over rounds.
 import argparse
 from pathlib import Path
 
+import timm
 import torch
 import torchvision
 from timing import interleaved
@@ -44,18 +46,23 @@ def bench(arch: str, batch: int, rounds: int, device: torch.device) -> None:
             calls[name] = lambda m=methods, k=k: explainer(x, methods=m, top_k=k)
         times = interleaved(calls, rounds, device, batch)
         layer, layout = explainer.target_layer, explainer.layout(x)
+        cut = explainer.rows.of(x)
     base = times["plain inference forward"]
     print(f"\n{arch} (target layer {layer}, {layout}, batch {batch}, {device}, median of {rounds})")
+    if cut.modules:
+        print(f"backward over the first {cut.keep} rows only after the layer: {', '.join(cut.modules)}")
     print(f"{'variant':28s} {'s/image':>9s} {'ratio':>7s}")
     for name, median in times.items():
         print(f"{name:28s} {median:9.4f} {median / base:6.3f}x")
 
 
 def build(arch: str) -> torch.nn.Module:
-    """A model with random weights: a torchvision name, hf:TYPE or hf:FOLDER."""
+    """A model with random weights: a torchvision name, a timm name, hf:TYPE or hf:FOLDER."""
     name = arch.removeprefix("hf:")
     if name == arch:
-        return torchvision.models.get_model(arch)
+        if arch in torchvision.models.list_models():
+            return torchvision.models.get_model(arch)
+        return timm.create_model(arch, pretrained=False)
     if Path(name).is_dir():
         return load_model(ModelConfig(arch=arch, weights="none")).module
     from transformers import AutoConfig, AutoModelForImageClassification

@@ -1,7 +1,8 @@
 """Inputs -> batches, whatever their kind: read, hash, ask resume, let the modality decode and preprocess.
 
 Data flows: ``discovery`` (arguments -> sorted ``InputItem``s) -> ``InputDataset`` (never raises for a bad
-input: it becomes an error) -> ``collate`` (good / skipped / failed) -> ``Batch``, in DataLoader workers.
+input: it becomes an error) -> ``collate`` (good / skipped / failed) -> ``Batch``, in DataLoader workers;
+then, in the main process, ``modality.finish`` decodes on the device what the workers left to it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ class Sample:
 
     index: int
     sha256: str | None = None
-    input: torch.Tensor | None = None
+    input: torch.Tensor | None = None  # None in a good sample too: the modality finishes it on the device
     view: Any = None  # the modality's view of the input (for pictures: size, crop box, overlay picture)
     error: str | None = None
     skipped: bool = False
+
+    @property
+    def good(self) -> bool:
+        """Neither skipped nor failed."""
+        return self.error is None and not self.skipped
 
 
 def _read_error(path: Path, error: OSError) -> str:
@@ -122,7 +128,9 @@ class Batch:
     """A collated batch: stacked inputs of the good samples and their views, plus the skipped and failed."""
 
     indices: list[int]
-    inputs: torch.Tensor  # (N, C, *spatial) float; an empty tensor when N = 0
+    # (N, C, *spatial) float, an empty tensor when N = 0; or a list of them with None for the inputs
+    # the modality decodes on the device (its `finish` then stacks them there)
+    inputs: torch.Tensor | list[torch.Tensor | None]
     views: Any  # the modality's collated views of the N good inputs
     sha256: list[str]
     skipped: list[tuple[int, str]]  # (index, sha256)
@@ -131,23 +139,34 @@ class Batch:
     def pin_memory(self) -> Batch:
         """Copy the tensors into page-locked memory (DataLoader(pin_memory=True) calls this)."""
         views = self.views.pin_memory() if hasattr(self.views, "pin_memory") else self.views
-        return dataclasses.replace(self, inputs=self.inputs.pin_memory(), views=views)
+        if isinstance(self.inputs, torch.Tensor):
+            inputs = self.inputs.pin_memory()
+        else:
+            inputs = [i.pin_memory() if i is not None else None for i in self.inputs]
+        return dataclasses.replace(self, inputs=inputs, views=views)
 
 
-def collate(samples: list[Sample], views: Callable[[list[Any]], Any]) -> Batch:
-    """Stack the good samples, collate their views, and list the skipped and failed ones; ValueError if
-    input sizes differ."""
-    good = [s for s in samples if s.input is not None]
-    sizes = sorted({tuple(s.input.shape[1:]) for s in good})
+def stack(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Model inputs as one (N, C, *spatial) batch (an empty tensor for none); ValueError if sizes differ."""
+    sizes = sorted({tuple(i.shape[1:]) for i in inputs})
     if len(sizes) > 1:
         shown = ", ".join("x".join(map(str, size)) for size in sizes)
         raise ValueError(
             f"cannot batch model inputs of different sizes ({shown}): set a crop or an exact (h, w) resize, "
             "or use batch size 1"
         )
+    return torch.stack(list(inputs)) if inputs else torch.empty(0)
+
+
+def collate(samples: list[Sample], views: Callable[[list[Any]], Any]) -> Batch:
+    """Stack the good samples (unless the modality finishes some on the device), collate their views, and
+    list the skipped and failed ones; ValueError if input sizes differ."""
+    good = [s for s in samples if s.good]
+    inputs = [s.input for s in good]
+    decoded = [i for i in inputs if i is not None]
     return Batch(
         indices=[s.index for s in good],
-        inputs=torch.stack([s.input for s in good]) if good else torch.empty(0),
+        inputs=stack(decoded) if len(decoded) == len(inputs) else inputs,
         views=views([s.view for s in good]),
         sha256=[s.sha256 for s in good],
         skipped=[(s.index, s.sha256) for s in samples if s.skipped],

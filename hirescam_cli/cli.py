@@ -192,6 +192,13 @@ def cli() -> None:
 @click.option("--alpha", type=float, help="Heatmap opacity, 0..1 (default 0.5).")
 @click.option("--signed/--no-signed", default=None, help="Show HiResCAM signed, zero at the colormap centre.")
 @click.option("--save-raw/--no-save-raw", default=None, help="Also write raw maps as float32 .npy.")
+@click.option(
+    "--format",
+    "picture_format",
+    type=click.Choice(["png", "jpeg", "webp"]),
+    help="Overlay pictures: png (lossless, default), jpeg or webp (lossy, much smaller).",
+)
+@click.option("--quality", type=int, help="Quality of jpeg and webp overlays, 1..100 (default 90).")
 @click.option("--png", type=click.Choice(["fast", "small"]), help="PNG encoder: fast (fpng) or small (zlib).")
 @click.option(
     "--max-side", type=int, help="Overlays of larger images are scaled down to this long side (default 4096)."
@@ -205,9 +212,9 @@ def cli() -> None:
 def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_empty, wait, report, **flags):
     """Explain image files, folders (recursive) or glob patterns into OUT.
 
-    Writes OUT/<input>/<method>-<class>.png heatmaps over each image and OUT/<input>/summary.json,
-    plus OUT/results.jsonl and OUT/run.json. A rerun skips inputs already done with the same
-    config; without -c the shipped demo config is used.
+    Writes OUT/<input>/<method>-<class>.png heatmaps over each image (.jpg or .webp with
+    --format) and OUT/<input>/summary.json, plus OUT/results.jsonl and OUT/run.json. A rerun
+    skips inputs already done with the same config; without -c the shipped demo config is used.
     """
     if not inputs and inputs_from is None:
         raise click.UsageError("give INPUTS, or --inputs-from FILE")
@@ -218,6 +225,8 @@ def explain(inputs, out, config, model, overwrite, quiet, inputs_from, allow_emp
         "render.alpha": flags["alpha"],
         "render.signed": flags["signed"],
         "output.save_raw": flags["save_raw"],
+        "output.format": flags["picture_format"],
+        "output.quality": flags["quality"],
         "output.png": flags["png"],
         "output.max_side": flags["max_side"],
         "preprocess.max_pixels": flags["max_pixels"],

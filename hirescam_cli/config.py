@@ -71,6 +71,8 @@ class RenderConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     save_raw: bool = False
+    format: str = "png"  # the overlays' format: png (lossless), jpeg or webp (lossy, at `quality`)
+    quality: int = 90  # of jpeg and webp overlays, 1..100
     png: str = "fast"  # fast: fpng; small: zlib, ~25% smaller files, ~20x slower to encode
     max_side: int = 4096  # overlays of images with a longer side are scaled down to it (aspect kept)
     sink: str = "folders"  # where the outputs go (hirescam_cli.sinks)
@@ -253,6 +255,12 @@ def _device(key: str, value: Any, base: Path) -> str:
     raise _fail(key, value, "auto, cpu, cuda, cuda:N or mps")
 
 
+def _quality(key: str, value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise _fail(key, value, "an integer from 1 (smallest files) to 100 (best pictures)")
+    return value
+
+
 def _png(key: str, value: Any, _base: Path) -> str:
     if value not in ("fast", "small"):
         raise _fail(key, value, '"fast" (fpng) or "small" (zlib)')
@@ -294,7 +302,14 @@ VALIDATORS = {
         "amp": _flag,
     },
     "render": {"colormap": _colormap, "signed_colormap": _colormap, "alpha": _fraction, "signed": _flag},
-    "output": {"save_raw": _flag, "png": _png, "max_side": _positive, "sink": _text},
+    "output": {
+        "save_raw": _flag,
+        "format": _choice("png", "jpeg", "webp"),
+        "quality": _quality,
+        "png": _png,
+        "max_side": _positive,
+        "sink": _text,
+    },
 }
 
 

@@ -142,6 +142,7 @@ def run_eval(
     progress = Progress(len(items), quiet=False)
     with explainer, torch.no_grad():
         for batch in loader:
+            batch = modality.finish(batch, device)  # what the workers left to the device
             progress.update(len(batch.indices) + len(batch.failed), len(batch.failed))
             problems += [f"{items[i].shown}: {error}" for i, error in batch.failed]
             if not batch.indices:

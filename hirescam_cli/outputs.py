@@ -23,20 +23,14 @@ import shutil
 import socket
 import stat
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .errors import OutputError
-
-try:
-    import fpng
-except ImportError:  # the fast encoder is optional: PNGs then come from zlib (--png small)
-    fpng = None
+from .formats import PictureFormat
 
 LOCK_NAME = ".lock"
 COMMIT_TRIES = 100  # renames of a folder into place before giving up on a parent that keeps changing
@@ -47,21 +41,6 @@ RESERVED = ("results.jsonl", "run.json", "eval.json", "eval.html", "report", ".t
 def describe(error: Exception) -> str:
     """A one-line reason for an OS error."""
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
-
-
-def encode_png(pixels: np.ndarray, kind: str = "fast") -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 array: "fast" with fpng (~20x quicker, ~35% larger files),
-    "small" with zlib through Pillow (run-length strategy: quicker than the default, and smaller)."""
-    if kind == "fast" and fpng is not None:
-        return fpng.from_ndarray(np.ascontiguousarray(pixels))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    return buffer.getvalue()
-
-
-def png_encoder(kind: str) -> str:
-    """The encoder `kind` gets here: "fpng", or "zlib" (asked for, or fpng cannot be imported)."""
-    return "fpng" if kind == "fast" and fpng is not None else "zlib"
 
 
 def _libc_renameat2() -> Any:
@@ -136,9 +115,9 @@ def _alive(pid: int) -> bool:
 class OutputDir:
     """Everything written under OUT goes through here; temporary files go to this process's own folder."""
 
-    def __init__(self, root: Path, png: str = "fast", tmp: Path | None = None):
+    def __init__(self, root: Path, pictures: PictureFormat | None = None, tmp: Path | None = None):
         self.root = Path(root).absolute()
-        self.png = png
+        self.pictures = pictures or PictureFormat()  # how the writers encode the overlays
         self.tmp = tmp or temp_root(self.root) / f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
         self._names = itertools.count()
         self._lock = threading.Lock()

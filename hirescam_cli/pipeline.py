@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from . import ledger
+from . import ledger, render
 from .batches import Batch, InputDataset, make_loader
 from .config import Config
 from .discovery import Catalogue
 from .distributed import Job
 from .engine import Explanation
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RANK_LOST, OutputError
+from .formats import PictureFormat, png_encoder
 from .lock import OutLock
-from .outputs import OutputDir, describe, png_encoder, remove_stale_temp, temp_root
+from .outputs import OutputDir, describe, remove_stale_temp, temp_root
 from .progress import Progress, StopFlag
 from .report import write_report
 from .session import Session, pick_device
@@ -64,8 +65,11 @@ class ExplainRun:
         self.fingerprint = session.fingerprint()
         try:
             self.job_dir = temp_root(out) / job_name
-            self.out = OutputDir(out, png=config.output.png, tmp=self.job_dir / f"rank{self.job.rank}")
-            self.sink = open_sink(config.output.sink, self.out, session.resources.writers)
+            output = config.output
+            self.pictures = PictureFormat(output.format, output.quality, output.png)
+            self.out = OutputDir(out, self.pictures, tmp=self.job_dir / f"rank{self.job.rank}")
+            resources = session.resources
+            self.sink = open_sink(config.output.sink, self.out, resources.writers, resources.writer_threads)
         except BaseException:
             session.close()
             raise
@@ -107,7 +111,7 @@ class ExplainRun:
                 f'note: {session.loaded.name}: model.weights = "none", so it explains a network with random '
                 f"weights (seeded: every run gets the same ones); its maps say nothing of a trained model"
             )
-        if self.config.output.png == "fast" and png_encoder("fast") != "fpng":
+        if self.pictures.name == "png" and self.pictures.png == "fast" and png_encoder("fast") != "fpng":
             self.say("fpng cannot be imported here: PNGs are encoded with zlib (slower, smaller)")
         progress = Progress(len(self.items), self.quiet)
         renderer = session.modality.renderer(self.config, session.device)
@@ -116,6 +120,7 @@ class ExplainRun:
                 try:
                     with torch.no_grad():
                         for batch in self.loader:
+                            batch = session.modality.finish(batch, session.device)
                             records = self._batch(batch, renderer)
                             failed = len(batch.failed)
                             del batch  # its pictures are drawn: free them before the next batch comes
@@ -185,7 +190,7 @@ class ExplainRun:
                 "random_weights": session.loaded.random_weights,
             }
 
-            def files(method: str, cls: int, key: str = key) -> tuple[str, str | None]:
+            def files(method: str, cls: int, key: str = key) -> dict[str, str | None]:
                 return sink.map_paths(key, method, cls, save_raw)
 
             summary = image_summary(
@@ -332,6 +337,16 @@ class ExplainRun:
             "shared": shared,
         }
 
+    def _pictures(self) -> dict:
+        """How the overlays were encoded, and where: run.json's "pictures"."""
+        on_device = render.device_encoder(self.pictures, self.session.device) is not None
+        return {
+            "format": self.pictures.name,
+            "quality": self.pictures.quality if self.pictures.name != "png" else None,
+            "encoder": "nvjpeg" if on_device else self.pictures.encoder(),
+            "encoded_on": str(self.session.device) if on_device else "host",
+        }
+
     def _write_run(self, counts: dict[str, int], ranks: list[dict]) -> None:
         elapsed = time.time() - self.started
         total = len(self.items)
@@ -347,6 +362,7 @@ class ExplainRun:
             "random_weights": facts["random_weights"],
             **{key: facts[key] for key in ("device", "versions", "resources")},
             "png_encoder": png_encoder(self.config.output.png),
+            "pictures": self._pictures(),
             "counts": {
                 "inputs": total,
                 **counts,

@@ -1,13 +1,18 @@
-"""Turning raw maps into pictures, whatever the modality: normalisation, colormaps, blending, and the cut
-of a batch's pictures into parts of bounded size (what the modalities' renderers yield to the sinks)."""
+"""Turning raw maps into pictures, whatever the modality: normalisation, colormaps, blending, the cut
+of a batch's pictures into parts of bounded size, and their handover to the sink (what the modalities'
+renderers yield): pixels on the host, or file bytes encoded on the device where it can (JPEG on CUDA)."""
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
 import torch
+import torchvision
 from torch import Tensor
+
+from .formats import PictureFormat
 
 
 def _grid_axes(maps: Tensor) -> tuple[int, ...]:
@@ -39,7 +44,62 @@ class Part:
     rows: range  # the inputs, rows of the batch
     channels: range
     targets: int  # T, the batch's targets per input
-    pictures: np.ndarray  # uint8 (len(rows), len(channels), H, W, 3) on the host, padded to the largest
+    # uint8 (len(rows), len(channels), H, W, 3) on the host, padded to the largest; or, encoded on the
+    # device, pictures[i][c] is the file of row i's channel c (bytes)
+    pictures: np.ndarray | list[list[bytes]]
+
+
+DeviceEncoder = Callable[[Tensor, Sequence[tuple[int, int]]], list[list[bytes]]]
+
+
+def device_encoder(picture_format: PictureFormat, device: torch.device) -> DeviceEncoder | None:
+    """What encodes the format's pictures on the device itself (JPEG on CUDA: nvJPEG through torchvision),
+    else None: the writers encode them on the host."""
+    if picture_format.name != "jpeg" or device.type != "cuda":
+        return None
+    return lambda canvas, sizes: encode_jpeg(canvas, sizes, picture_format.quality)
+
+
+def encode_jpeg(canvas: Tensor, sizes: Sequence[tuple[int, int]], quality: int) -> list[list[bytes]]:
+    """JPEG files of a part's pictures, uint8 (n, k, H, W, 3) padded to the largest, each cut to its image's
+    (h, w) first: one batched encode where the canvas is (on CUDA, nvJPEG), and one copy of the bytes."""
+    n, k = canvas.shape[:2]
+    pictures = [
+        canvas[i, c, :h, :w].permute(2, 0, 1).contiguous() for i, (h, w) in enumerate(sizes) for c in range(k)
+    ]
+    files = torchvision.io.encode_jpeg(pictures, quality=quality) if pictures else []
+    lengths = [int(f.numel()) for f in files]
+    data = torch.cat(files).cpu().numpy().tobytes() if files else b""
+    flat = [data[start:end] for start, end in itertools.pairwise(np.cumsum([0, *lengths]))]
+    return [flat[i * k : (i + 1) * k] for i in range(n)]
+
+
+class Handover:
+    """Hands a part's pictures, drawn on the device, to the sink: encoded there where the device can,
+    else copied to the host as pixels for the writers to encode."""
+
+    def __init__(
+        self, picture_format: PictureFormat, device: torch.device, encode: DeviceEncoder | None = None
+    ):
+        self.device = device
+        self.encode = encode or device_encoder(picture_format, device)
+
+    def part(self, rows: range, channels: range, targets: int, canvas: Tensor, sizes) -> Part:
+        """The Part of `canvas`, uint8 (len(rows), len(channels), H, W, 3); image i's pictures: sizes[i]."""
+        if self.encode is not None:
+            return Part(rows, channels, targets, self.encode(canvas, sizes))
+        pictures = to_host(canvas)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return Part(rows, channels, targets, pictures.numpy())
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied to host memory: page-locked from CUDA (several times faster); call
+    `torch.cuda.current_stream().synchronize()` before reading it."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 UNEXPLAINED = 128  # grey laid over the parts of the image the model never saw (cut by a crop)

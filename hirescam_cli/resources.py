@@ -21,6 +21,7 @@ class Resources:
     writers: int  # processes that encode and write outputs (0: a pool of threads in the main process)
     threads: int  # torch intra-op threads of the main process
     batch_size: int
+    writer_threads: int = 4  # when writers is 0: the threads that encode and write outputs
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -109,7 +109,7 @@ class Session:
         resources = choose_resources(device, explain.workers, explain.batch_size, job.local_world)
         torch.set_num_threads(resources.threads)
         loaded = load_model(config.model, load_weights)
-        modality = open_modality(config, loaded.transforms, pictures)
+        modality = open_modality(config, loaded.transforms, pictures).for_device(device)
         classes = class_ids(explain.classes, loaded.labels)
         multilabel = loaded.multilabel if config.model.multilabel is None else config.model.multilabel
         if explain.threshold is not None and not multilabel:

@@ -111,8 +111,8 @@ def image_summary(
 ) -> dict:
     """The summary of image `row` of a batch: `base` fields plus predictions and targets.
 
-    `files(method, class)` gives the (png, raw) paths of a map, relative to OUT. With a `threshold`
-    that no class passes, `no_target` says so, with the best class and its probability.
+    `files(method, class)` gives the files of a map, relative to OUT: {format: picture, "raw": raw}. With
+    a `threshold` that no class passes, `no_target` says so, with the best class and its probability.
     """
     predictions = [
         {"class": c, "label": label_of(labels, c), "logit": _g(lg), "probability": _g(p)}
@@ -126,10 +126,8 @@ def image_summary(
             continue
         maps = {}
         for name in methods:
-            png, raw = files(name, cls)
             maps[name] = {
-                "png": png,
-                "raw": raw,
+                **files(name, cls),
                 "min": _g(numbers[f"{name}.min"][row][t]),
                 "max": _g(numbers[f"{name}.max"][row][t]),
                 "sum": _g(numbers[f"{name}.sum"][row][t]),

@@ -18,7 +18,7 @@ from PIL import Image
 from test_cli import config, run
 from test_faults import folder, tree
 
-from hirescam_cli import outputs, resources
+from hirescam_cli import formats, outputs, resources
 from hirescam_cli.batches import InputDataset, make_loader
 from hirescam_cli.discovery import InputError, catalogue, discover
 from hirescam_cli.distributed import Share
@@ -335,8 +335,8 @@ def test_defaults_follow_the_usable_cores_and_the_device(monkeypatch):
 
 def test_png_falls_back_to_zlib_without_fpng(tmp_path, capsys, monkeypatch):
     pixels = np.random.default_rng(0).integers(0, 255, (9, 7, 3), dtype=np.uint8)
-    monkeypatch.setattr(outputs, "fpng", None)
-    data = outputs.encode_png(pixels, "fast")
+    monkeypatch.setattr(formats, "fpng", None)
+    data = formats.encode_png(pixels, "fast")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
     images = folder(tmp_path / "images", 2)
     assert run(["explain", images, "-o", tmp_path / "out", "-c", config(tmp_path), "-q"], capsys)[0] == 0

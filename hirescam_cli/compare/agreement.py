@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..formats import picture_of
 from ..report.run_files import Entry
 from .sides import Matching, Side
 
@@ -169,7 +170,7 @@ def _class_record(bt: dict, nt: dict, sides, where, geometry, methods: list[str]
                 cell["pearson"] = _g(pearson(*pictures))
                 raw = [where.sample(side, values) for side, values in enumerate(maps)]
                 cell["top20_iou"] = _g(top_region_iou(*raw))
-        cell |= {"base_png": bm.get("png"), "new_png": nm.get("png")}
+        cell |= {"base_png": picture_of(bm), "new_png": picture_of(nm)}
         record["maps"][method] = cell
     return record
 

@@ -15,6 +15,7 @@ from .capture import Capture, check_input, select_targets
 from .layouts import Layout, LayoutSpec
 from .methods import check_methods, compute
 from .occlusion import Occluder
+from .rows import PrefixRows
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Explainer:
         self.model = model
         self.capture = Capture(model, target_layer, layout or LayoutSpec(), amp)
         self.occluder = Occluder(self.capture)
+        self.rows = PrefixRows(self.capture)
         self._heads: dict[tuple[int, ...], head.Head] = {}
         self._saved = [(p, p.requires_grad) for p in model.parameters()]
         self._was_training = model.training
@@ -115,7 +117,8 @@ class Explainer:
         if classes is not None and threshold is not None:
             raise ValueError("give either classes or threshold, not both")
         layout = self.layout(x)
-        leaf, logits = self.capture.forward(x)
+        with self.rows.restricted(x):  # token layers: the backward skips rows that cannot reach the scores
+            leaf, logits = self.capture.forward(x)
         found = self._head(x, logits)
         targets, valid = select_targets(logits.detach(), top_k, classes, threshold)
         scores = logits.gather(1, targets)

@@ -6,10 +6,14 @@ A modality is a class with
                                     preprocessing preset, or None)
     input_shape() -> (C, *spatial)  every model input's shape (for probes)
     max_bytes() -> int              the largest file worth reading
+    for_device(device) -> modality  the one the loader's workers run for batches bound to `device`
     load(data) -> (input, view)     decode and preprocess one file's bytes, keeping the geometry in the
                                     view; an InputFailure for a bad file (runs in the loader's workers,
-                                    so the object must pickle)
+                                    so the object must pickle). The input may be None: the view then
+                                    holds what `finish` decodes on the device
     collate(views) -> views         a batch's views together
+    finish(batch, device) -> batch  in the main process: what the workers left decoded on the device
+                                    (stacked into batch.inputs there), a file that fails there failed
     describe(views, row) -> dict    the summary fields of one input (its size, its pictures')
     locate(maps, views) -> Tensor   the peak of each (B, T, *grid) map in the input's own coordinates
     to_original(maps, views, rows) -> (maps, pixels)   maps (N, *grid) registered onto the inputs of

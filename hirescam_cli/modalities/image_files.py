@@ -1,4 +1,5 @@
-"""Image files: which names are pictures, and Pillow decoding of any of them to uint8 RGB.
+"""Image files: which names are pictures, Pillow decoding of any of them to uint8 RGB, and the header of
+a plain JPEG, which a CUDA device then decodes itself (images.py).
 
 Imports no torch: folder walks ask `accepts` before the model loads, and the report makes its
 thumbnails through `rgb_array`, the one conversion of every Pillow mode the run uses too.
@@ -11,6 +12,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -104,6 +106,43 @@ def _load(data: bytes, max_pixels: int | None, resize: int | None = None) -> Ima
         except Exception as error:  # decoders raise many types on bad data
             raise ImageError(f"corrupt or truncated image data: {_one_line(error)}") from None
     return image
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the header of a JPEG that a device can decode says: its upright size and EXIF orientation."""
+
+    size: tuple[int, int]  # (H, W) once upright
+    orientation: int  # EXIF orientation 1..8 (1: upright as stored)
+
+
+DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces a device decodes to RGB (YCbCr, grey); not CMYK
+
+
+def jpeg_header(data: bytes, max_pixels: int | None, resize: int | None = None) -> JpegHeader | None:
+    """The header of a JPEG in a colour space a device decodes, its size checked as `decode` checks it (an
+    ImageError beyond the limits); None for anything else (decode it with `decode`). Decodes no pixel."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    with _pillow_limits():
+        Image.MAX_IMAGE_PIXELS = None  # the header size is checked below, as decode() does
+        try:
+            image = Image.open(io.BytesIO(data), formats=("JPEG",))
+            mode, (width, height) = image.mode, image.size
+            orientation = image.getexif().get(ORIENTATION, 1)
+        except Exception:  # let decode() tell what is wrong with it
+            return None
+    if mode not in DEVICE_MODES or orientation not in range(1, 9):
+        return None
+    if max_pixels is not None and width * height > max_pixels:
+        size = f"{width} x {height} = {width * height} pixels"
+        raise ImageError(f"{size} exceeds the limit of {max_pixels} pixels (--max-pixels)")
+    _check_resized(width, height, resize if isinstance(resize, int) else None, max_pixels)
+    upright = (width, height) if orientation >= 5 else (height, width)  # 5..8 turn it a quarter
+    return JpegHeader(upright, orientation)
+
+
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | None = None) -> np.ndarray:

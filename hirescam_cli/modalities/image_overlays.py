@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import render
 from ..config import Config
 from ..engine.explainer import Explanation
+from ..formats import PictureFormat
 from ..render import Part
 
 PART_PIXELS = 2**24  # overlay pixels handed to the writers at once (48 MiB; one 4096 x 4096 picture)
@@ -21,6 +22,8 @@ class Renderer:
 
     def __init__(self, config: Config, device: torch.device):
         self.device = device
+        output = config.output
+        self.handover = render.Handover(PictureFormat(output.format, output.quality, output.png), device)
         self.methods = config.explain.methods
         self.alpha = config.render.alpha
         self.signed = config.render.signed
@@ -60,10 +63,7 @@ class Renderer:
                 into = canvas[:, low - channels.start : high - channels.start]
                 name = self.methods[method]
                 self._draw(name, values[name], rows, span, boxes, images, into)
-            pictures = to_host(canvas)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            yield Part(rows, channels, targets, pictures.numpy())
+            yield self.handover.part(rows, channels, targets, canvas, sizes[rows.start : rows.stop])
 
     def _draw(self, method, values, rows, span, boxes, images, canvas) -> None:
         """Draw targets `span` of `method` (its normalised maps `values`, (B, T, h, w)) for images `rows`
@@ -101,11 +101,3 @@ def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> tuple[Tens
     )
     inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
     return resampled, inside
-
-
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A device tensor copied to host memory: page-locked from CUDA (several times faster); call
-    `torch.cuda.current_stream().synchronize()` before reading it."""
-    if tensor.device.type != "cuda":
-        return tensor.cpu()
-    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)

@@ -1,31 +1,48 @@
 """The first modality: 2-D pictures. Pillow decoding (image_files.py), resize and centre crop with the
 crop box kept, so a map cell lands on the pixels its input came from, and overlays drawn on the
 original at its size up to `output.max_side` (image_overlays.py).
+
+On a CUDA device the loader's workers only read a plain JPEG's header and hand its bytes through; the
+main process decodes the batch's JPEGs there at once (nvJPEG, `finish`), turns them upright and
+preprocesses them on the device. Any other file, and a JPEG the device cannot decode, is decoded with
+Pillow on the CPU, one by one, as everywhere else.
 """
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
+import torchvision
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from ..batches import Batch, one_line, stack
 from ..config import Config, ConfigError, PreprocessConfig
-from .image_files import decode
+from .image_files import ImageError, decode, jpeg_header
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A JPEG the workers left to the device: its bytes and EXIF orientation."""
+
+    data: Tensor  # uint8 (n,): the file
+    orientation: int  # 1..8
+
+
+@dataclass(frozen=True)
 class PictureView:
     """One picture as the outputs need it: its original size, the box the model input covers, and the
-    picture its overlays are drawn on (None where no overlays are drawn)."""
+    picture its overlays are drawn on (None where no overlays are drawn, or until `finish` decodes it)."""
 
     size: tuple[int, int]  # (H, W) of the original
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) in original pixels
     picture: Tensor | None  # uint8 (3, h, w): the original, scaled down beyond max_side
+    pending: Pending | None = None  # a JPEG to decode on the device: no input, box or picture yet
 
 
 @dataclass
@@ -34,7 +51,8 @@ class PictureViews:
 
     sizes: list[tuple[int, int]]
     boxes: Tensor  # (N, 4) float64
-    pictures: list[Tensor | None]  # emptied as the overlays are drawn
+    pictures: list[Tensor | None]  # emptied as the overlays are drawn; [] where none are drawn
+    pending: list[Pending | None]  # the JPEGs `Images.finish` decodes on the device
 
     def pin_memory(self) -> "PictureViews":
         """Page-locked pictures, for quick copies to a GPU."""
@@ -50,6 +68,7 @@ class Images:
     preprocess: "Preprocess"
     max_pixels: int | None = None  # larger pictures are refused (decompression bombs)
     max_side: int | None = None  # overlay pictures' long side at most; None: no overlay pictures
+    jpeg_on_device: bool = False  # the workers hand plain JPEGs through for `finish` to decode
 
     @classmethod
     def from_config(cls, config: Config, transforms: Any, pictures: bool = True) -> "Images":
@@ -60,6 +79,11 @@ class Images:
     def __str__(self) -> str:
         return str(self.preprocess)
 
+    def for_device(self, device: torch.device) -> "Images":
+        """The modality as the loader's workers run it for batches bound to `device`: on CUDA, JPEGs
+        reach `finish` undecoded, to be decoded there."""
+        return replace(self, jpeg_on_device=device.type == "cuda")
+
     def input_shape(self) -> tuple[int, ...]:
         """(C, H, W) of every model input."""
         return (3, *self.preprocess.input_size)
@@ -69,8 +93,13 @@ class Images:
         uncompressed) plus room for metadata."""
         return None if self.max_pixels is None else 8 * self.max_pixels + 2**24
 
-    def load(self, data: bytes) -> tuple[Tensor, PictureView]:
-        """The model input and the view of one file's bytes; ImageError (an InputFailure) for a bad one."""
+    def load(self, data: bytes) -> tuple[Tensor | None, PictureView]:
+        """The model input and the view of one file's bytes (no input yet for a JPEG left to the device);
+        ImageError (an InputFailure) for a bad one."""
+        header = jpeg_header(data, self.max_pixels, self.preprocess.resize) if self.jpeg_on_device else None
+        if header is not None:
+            file = Pending(torch.frombuffer(bytearray(data), dtype=torch.uint8), header.orientation)
+            return None, PictureView(header.size, (0.0, 0.0, 0.0, 0.0), None, file)
         image = torch.from_numpy(decode(data, self.max_pixels, self.preprocess.resize))
         del data
         tensor, box = self.preprocess(image)
@@ -81,8 +110,68 @@ class Images:
         return PictureViews(
             sizes=[v.size for v in views],
             boxes=torch.tensor([v.box for v in views], dtype=torch.float64).reshape(-1, 4),
-            pictures=[v.picture for v in views if v.picture is not None],
+            # one per view where overlays are drawn (None until `finish` decodes a pending one)
+            pictures=[v.picture for v in views if v.picture is not None or self.max_side is not None],
+            pending=[v.pending for v in views],
         )
+
+    def finish(self, batch: Batch, device: torch.device) -> Batch:
+        """The batch ready for the model: the JPEGs the workers left undecoded are decoded on `device` at
+        once, turned upright and preprocessed there (their overlay pictures made); one that the device
+        cannot decode is decoded on the CPU instead, and one that is corrupt fails alone."""
+        views = batch.views
+        rows = [row for row, pending in enumerate(views.pending) if pending is not None]
+        if not rows:
+            return batch
+        inputs, boxes, pictures = list(batch.inputs), views.boxes.clone(), list(views.pictures)
+        sizes, failed = list(views.sizes), []
+        for row, image in zip(rows, self._decode([views.pending[r] for r in rows], device), strict=True):
+            if isinstance(image, str):
+                failed.append((batch.indices[row], image))
+                continue
+            inputs[row], box = self.preprocess(image)
+            boxes[row], sizes[row] = torch.tensor(box, dtype=torch.float64), tuple(image.shape[1:])
+            if self.max_side is not None:
+                pictures[row] = overlay_image(image, self.max_side)
+        good = [row for row, tensor in enumerate(inputs) if tensor is not None]
+        views = PictureViews(
+            sizes=[sizes[r] for r in good],
+            boxes=boxes[good],
+            pictures=[pictures[r] for r in good] if self.max_side is not None else [],
+            pending=[None] * len(good),
+        )
+        return replace(
+            batch,
+            indices=[batch.indices[r] for r in good],
+            inputs=stack([inputs[r].to(device, non_blocking=True) for r in good]),
+            views=views,
+            sha256=[batch.sha256[r] for r in good],
+            failed=batch.failed + failed,
+        )
+
+    def _decode(self, pending: list[Pending], device: torch.device) -> list[Tensor | str]:
+        """Upright uint8 (3, H, W) pictures of JPEGs on `device`, in one batch where it decodes them all,
+        else one by one; where it cannot, decoded on the CPU (Pillow), or the reason that failed too."""
+        files = [p.data for p in pending]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision points to torchcodec
+            try:
+                decoded: list[Tensor | None] = device_decode(files, device)
+            except Exception:  # one corrupt file fails the batch: find it
+                decoded = [_or_none(device_decode, [file], device) for file in files]
+        pictures: list[Tensor | str] = []
+        for image, one in zip(decoded, pending, strict=True):
+            if image is not None:
+                pictures.append(upright(image, one.orientation))
+                continue
+            try:
+                on_cpu = decode(one.data.numpy().tobytes(), self.max_pixels, self.preprocess.resize)
+                pictures.append(torch.from_numpy(on_cpu).to(device))
+            except ImageError as error:
+                pictures.append(str(error))
+            except Exception as error:
+                pictures.append(f"cannot process image: {type(error).__name__}: {one_line(error)}")
+        return pictures
 
     def describe(self, views: PictureViews, row: int) -> dict:
         """The summary fields of one picture: its size, its overlays' (the PNGs') size and scale, and the box
@@ -129,6 +218,33 @@ class Images:
         xs = torch.arange(width, device=maps.device)[None, None, :]
         pixels = (ys < sizes[:, 0, None, None]) & (xs < sizes[:, 1, None, None])
         return resampled[:, 0].masked_fill(~inside, torch.nan), pixels
+
+
+def device_decode(files: list[Tensor], device: torch.device) -> list[Tensor]:
+    """JPEG files (uint8 (n,) on the host) decoded to RGB on `device` in one call: nvJPEG on CUDA."""
+    return torchvision.io.decode_jpeg(files, mode=torchvision.io.ImageReadMode.RGB, device=device)
+
+
+def _or_none(decode_files, files: list[Tensor], device: torch.device) -> Tensor | None:
+    """The one picture `decode_files` makes of `files`, or None where it fails."""
+    try:
+        return decode_files(files, device)[0]
+    except Exception:
+        return None
+
+
+def upright(image: Tensor, orientation: int) -> Tensor:
+    """A (C, H, W) picture as stored turned upright by its EXIF orientation (as Pillow's exif_transpose)."""
+    turns = {
+        2: lambda t: t.flip(-1),
+        3: lambda t: t.flip(-1, -2),
+        4: lambda t: t.flip(-2),
+        5: lambda t: t.transpose(-1, -2),
+        6: lambda t: t.rot90(-1, (-2, -1)),
+        7: lambda t: t.transpose(-1, -2).flip(-1, -2),
+        8: lambda t: t.rot90(1, (-2, -1)),
+    }
+    return turns[orientation](image).contiguous() if orientation in turns else image
 
 
 def overlay_size(height: int, width: int, max_side: int) -> tuple[int, int]:

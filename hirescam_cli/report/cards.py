@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..formats import picture_of
 from .run_files import read_summary, stamp
 from .site import fixed
 from .thumbnails import THUMB_SIDE, VIEW_SIDE, Thumbnails
@@ -120,7 +121,7 @@ def _target(target: dict[str, Any], sources: Sources) -> dict[str, Any]:
     cells: list[Any] = []
     for method, entry in (target.get("maps") or {}).items():
         at = sources.method(method)
-        png = (entry or {}).get("png")
+        png = picture_of(entry or {})
         if png is None:
             continue
         cells += [None] * (at + 1 - len(cells))

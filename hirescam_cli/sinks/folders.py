@@ -1,7 +1,8 @@
 """The first sink: a folder per input, OUT/<key>/, holding exactly what its summary lists.
 
     OUT/a/cat.jpg/summary.json           the input's summary, listing every other file of its folder
-    OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's)
+    OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's; .jpg, .webp
+                                         with output.format = "jpeg", "webp")
     OUT/a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
 
 An input's set is staged and swapped in whole (``OutputDir.replacing``): OUT/<key> holds the old complete
@@ -14,13 +15,14 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import OutputError
-from ..outputs import RESERVED, OutputDir, encode_png, json_bytes, npy_bytes
+from ..formats import EXTENSIONS, file_bytes, picture_of
+from ..outputs import RESERVED, OutputDir, json_bytes, npy_bytes
 
 SUMMARY_NAME = "summary.json"
 
@@ -30,30 +32,38 @@ def summary_path(key: str) -> str:
     return f"{key}/{SUMMARY_NAME}"
 
 
-def map_paths(key: str, method: str, cls: int, raw: bool) -> tuple[str, str | None]:
-    """Where a map's picture and (with --save-raw) its raw array go, relative to OUT."""
-    return f"{key}/{method}-{cls}.png", (f"{key}/{method}-{cls}.npy" if raw else None)
+def map_paths(
+    key: str, method: str, cls: int, raw: bool, picture_format: str = "png"
+) -> dict[str, str | None]:
+    """Where a map's picture (listed under its format's name) and, with --save-raw, its raw array go,
+    relative to OUT."""
+    extension = EXTENSIONS[picture_format]
+    return {
+        picture_format: f"{key}/{method}-{cls}.{extension}",
+        "raw": f"{key}/{method}-{cls}.npy" if raw else None,
+    }
 
 
 def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write some of one image's PNGs (and raw maps) into its staging folder: a huge image's come in several
-    parts, from any writer, and `write_image` then puts the whole set in place.
+    """Write some of one image's pictures (and raw maps) into its staging folder: a huge image's come in
+    several parts, from any writer, and `write_image` then puts the whole set in place.
 
-    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t], `raw_maps[method][t]`
-    (or raw_maps None) its float32 (h, w) raw map.
+    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t] (or its file bytes,
+    encoded on the device), `raw_maps[method][t]` (or raw_maps None) its float32 (h, w) raw map.
     """
     staging = outdir.staging(key)
     staging.mkdir(exist_ok=True)
     for method, overlays in pictures.items():
-        for t, pixels in overlays.items():
+        for t, picture in overlays.items():
             files = summary["targets"][t]["maps"][method]
-            outdir.create(staging / _own_name(key, files["png"]), encode_png(pixels, outdir.png))
+            data = file_bytes(picture, outdir.pictures)
+            outdir.create(staging / _own_name(key, picture_of(files) or ""), data)
             if raw_maps is not None:
                 outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
 
 
 def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's remaining PNGs and raw maps (as write_maps; {} when earlier parts wrote them all)
+    """Write one image's remaining pictures and raw maps (as write_maps; {} when earlier parts wrote them all)
     and its summary, then replace OUT/<key> with the complete set at once."""
     with outdir.replacing(key) as staging:
         write_maps(outdir, key, summary, pictures, raw_maps)
@@ -73,7 +83,7 @@ def listed_files(summary: dict) -> set[str]:
     names = {SUMMARY_NAME}
     for target in summary["targets"]:
         for files in target["maps"].values():
-            names.update(path.rpartition("/")[2] for path in (files["png"], files["raw"]) if path)
+            names.update(path.rpartition("/")[2] for path in (picture_of(files), files["raw"]) if path)
     return names
 
 
@@ -129,13 +139,17 @@ class ImageJob:
     complete: bool = True
 
 
-def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
-    """Write one job: its pictures (cut from the part, padded to the largest, to the input's own size) and,
-    when it is the input's last, its summary and the swap (run in a writer thread or process)."""
+def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray | list) -> None:
+    """Write one job: its pictures (cut from the part, padded to the largest, to the input's own size; or
+    their file bytes) and, when it is the input's last, its summary and the swap (run in a writer thread
+    or process)."""
     height, width = job.summary["overlay"]["height"], job.summary["overlay"]["width"]
-    own: dict[str, dict[int, np.ndarray]] = {}
+    own: dict[str, dict[int, np.ndarray | bytes]] = {}
     for channel, method, target in job.maps:
-        own.setdefault(method, {})[target] = pictures[job.row, channel, :height, :width]
+        picture = pictures[job.row][channel]
+        own.setdefault(method, {})[target] = (
+            picture if isinstance(picture, bytes) else picture[:height, :width]
+        )
     if job.complete:
         write_image(outdir, job.key, job.summary, own, job.raw_maps)
     else:
@@ -145,14 +159,17 @@ def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray) -> None:
 class FolderSink:
     """A folder per input under OUT, written by a pool of writer threads or processes (writers.py)."""
 
-    map_paths = staticmethod(map_paths)
     summary_path = staticmethod(summary_path)
 
-    def __init__(self, out: OutputDir, writers: int):
+    def __init__(self, out: OutputDir, writers: int, threads: int = 4):
         from .writers import Writers
 
         self.out = out
-        self.writers = Writers(writers)
+        self.writers = Writers(writers, threads)
+
+    def map_paths(self, key: str, method: str, cls: int, raw: bool) -> dict[str, str | None]:
+        """Where a map's picture (in the run's format) and raw array go: the summary's entry of the map."""
+        return map_paths(key, method, cls, raw, self.out.pictures.name)
 
     def resume_check(self, fingerprint: str) -> ResumeCheck:
         return ResumeCheck(self.out.root, fingerprint)
@@ -194,7 +211,14 @@ class FolderSink:
                 jobs.append(
                     ImageJob(keys[row], summaries[row], row - part.rows.start, own, raw, complete=whole)
                 )
-            written = self.writers.submit(write_job, self.out, part.pictures, jobs)
+            if isinstance(part.pictures, np.ndarray):
+                written = self.writers.submit(write_job, self.out, part.pictures, jobs)
+            else:  # encoded on the device: each input's few file bytes go to its writer alone
+                alone = [replace(job, row=0) for job in jobs]
+                written = [
+                    self.writers.submit(write_job, self.out, [files], [job])[0]
+                    for files, job in zip(part.pictures, alone, strict=True)
+                ]
             for row, job, future in zip(part.rows, jobs, written, strict=True):
                 if job.complete:
                     futures[row] = future

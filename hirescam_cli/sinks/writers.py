@@ -1,8 +1,8 @@
 """The writer pool: a sink's encoding and writing, off the main loop.
 
-On a CPU run a pool of threads does it (fpng and file writes release the GIL). On a GPU run the
-loop that feeds the GPU must keep the GIL to itself: every kernel launch gives it up and waits to
-get it back, so threads encoding PNGs beside it slow the model tenfold. There, processes write, and
+On a CPU run a pool of threads does it (fpng, Pillow's encoders and file writes release the GIL). On a
+GPU run the loop that feeds the GPU must keep the GIL to itself: every kernel launch gives it up and
+waits to get it back, so threads encoding PNGs beside it slow the model tenfold. There, processes write, and
 a part's pictures reach them through one shared-memory segment instead of a pipe (a pipe moves
 about 200 MB/s; a batch of 32 pictures pairs at 640 x 480 is 60 MB).
 
@@ -56,14 +56,18 @@ class Writers:
         self._room = threading.Condition()
         self._finishing: list[Future] = []
 
-    def submit(self, write: Write, outdir: OutputDir, pictures: np.ndarray, jobs: Sequence) -> list[Future]:
+    def submit(
+        self, write: Write, outdir: OutputDir, pictures: np.ndarray | list, jobs: Sequence
+    ) -> list[Future]:
         """Queue `write(outdir, job, pictures)` for each job of one part of a batch's pictures, uint8
-        (n, k, H, W, 3); first waits while earlier parts not yet written hold more than the budget."""
-        size = pictures.nbytes
+        (n, k, H, W, 3), or their files encoded already (pictures[i][c], bytes: small enough to be handed
+        over as they are); first waits while earlier parts not yet written hold more than the budget."""
+        pixels = isinstance(pictures, np.ndarray)
+        size = pictures.nbytes if pixels else sum(len(data) for row in pictures for data in row)
         with self._room:
             self._room.wait_for(lambda: not self._queued or self._queued + size <= self.budget)
             self._queued += size
-        if self.processes == 0:
+        if self.processes == 0 or not pixels:
             segment, futures = None, [self.pool.submit(write, outdir, job, pictures) for job in jobs]
         else:
             segment, shared = self._share(pictures)
