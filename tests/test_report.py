@@ -186,7 +186,8 @@ def test_report_never_touches_the_run_and_is_incremental(out):
     assert snapshot(out) == before
     assert thumbs(out) == made and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     png = next(out.glob("sample_00.png/hirescam-*.png"))
-    Image.new("RGB", Image.open(png).size, "white").save(png)  # a rerun changed one picture
+    Image.new("RGB", Image.open(png).size, "white").save(png.with_suffix(".new"), "PNG")
+    os.replace(png.with_suffix(".new"), png)  # a rerun changed one picture (its files are renamed in)
     write_report(out)
     assert len(thumbs(out) - made) == 1 and len(made - thumbs(out)) == 1
     made = thumbs(out)
@@ -510,6 +511,35 @@ def test_a_changed_input_rewrites_its_chunk_only(many, monkeypatch, tmp_path):
         n: after[n] for n in after if n in before
     }
     assert report_data(many)["images"][60]["t"][0]["p"] == 0.5
+    assert_as_from_scratch(many, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["folder swapped", "picture renamed into it"])
+def test_a_picture_replaced_as_a_run_does_is_seen_though_its_summary_is_not(many, monkeypatch, tmp_path, how):
+    """A rerun swaps in the input's whole folder (the summary's bytes and mtime may be the same);
+    the pictures are not checked one by one, the folder is."""
+    data = report_data(many)
+    key = data["images"][60]["n"]
+    folder = many / key
+    summary = json.loads((folder / "summary.json").read_text())
+    png = many / summary["targets"][0]["maps"]["hirescam"]["png"]
+    white = tmp_path / "white.png"
+    Image.new("RGB", Image.open(png).size, "white").save(white)
+    if how == "folder swapped":
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        for file in folder.iterdir():
+            shutil.copy2(white if file == png else file, staged / file.name)
+        folder.rename(tmp_path / "old")
+        staged.rename(folder)
+    else:
+        os.replace(white, png)
+    seen = spy(monkeypatch)
+    write_report(many)
+    assert seen["summaries"] == [f"{key}/summary.json"]
+    (before,) = data["images"][60]["t"][0]["m"][0][:1]
+    (after,) = report_data(many)["images"][60]["t"][0]["m"][0][:1]
+    assert after != before and (many / "report" / "thumbs" / after).is_file()
     assert_as_from_scratch(many, tmp_path)
 
 

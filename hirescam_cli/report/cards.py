@@ -28,7 +28,11 @@ from .thumbnails import THUMB_SIDE, VIEW_SIDE, Thumbnails
 class Sources:
     """What building one card read: the files (relative to OUT, or absolute) with their sizes and
     mtimes, in the order read, and the thumbnails it uses (each belongs to this card alone: its name
-    is a hash of the card's owner, the picture, its size and mtime)."""
+    is a hash of the card's owner, the picture, its size and mtime).
+
+    A run swaps an input's folder in whole (and puts a file in it only by a rename), so the folder's
+    mtime stands for the run's pictures directly in it: they are not listed, the folder ("FOLDER/") is,
+    before the summary. The originals are the user's files: always listed."""
 
     owner: str  # the summary the card shows
     root: Path
@@ -38,22 +42,28 @@ class Sources:
     deps: list[str] = field(default_factory=list)
     stamps: list[int] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    folder: str = ""  # the summary's folder, relative to OUT
 
-    def _stamp(self, path: str) -> tuple[int, int]:
+    def _stamp(self, path: str, listed: bool = True) -> tuple[int, int]:
         size_mtime = stamp(path, self.root_fd)  # before reading: a later change is seen next time
-        self.deps.append(path)
-        self.stamps += size_mtime
+        if listed:
+            self.deps.append(path)
+            self.stamps += size_mtime
         return size_mtime
 
     def summary(self, relative: str) -> tuple[dict[str, Any] | None, str | None]:
         """The summary and None, or None and why it cannot be read."""
+        self.folder = relative.rpartition("/")[0]
+        if self.folder:  # stamped first: a file renamed into it or the folder swapped after this is seen
+            self._stamp(self.folder + "/")
         self._stamp(relative)
         return read_summary(self.root, relative)
 
     def picture(self, path: str, identity: str, sides: tuple[int, ...], original: bool) -> list[str] | None:
         """Thumbnail names (relative to thumbs/) of a picture at each longest side, made if missing;
         None when it cannot be read. `original`: an input file in any format, not a run's PNG."""
-        size_mtime = self._stamp(path)
+        in_folder = not original and bool(self.folder) and path.rpartition("/")[0] == self.folder
+        size_mtime = self._stamp(path, listed=not in_folder)
         if size_mtime[0] < 0:
             return None
         names = Thumbnails.names(f"{self.owner}\0{identity}", size_mtime, sides)

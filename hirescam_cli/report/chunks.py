@@ -34,7 +34,7 @@ from .run_files import Ledger, Line
 from .site import js_string, write_atomic
 from .thumbnails import QUALITY, THUMB_SIDE, VIEW_SIDE, Thumbnails
 
-VERSION = 1  # of these files: another version is rebuilt from scratch (the thumbnails are kept)
+VERSION = 2  # of these files: another version is rebuilt from scratch (the thumbnails are kept)
 CHUNK_MEAN = 64  # inputs per chunk on average
 CHUNK_MAX = 256
 FLUSH_JOBS = 2048  # thumbnails planned before they are made and the chunks waiting for them written,
@@ -60,7 +60,7 @@ def _dumps(value: Any) -> str:
 
 
 def _stamps(paths: list[str], root_fd: int) -> list[int]:
-    """Size and mtime (ns) of each file (relative to OUT or absolute), flat; -1s for a missing one."""
+    """Size and mtime (ns) of each file or folder (relative to OUT or absolute), flat; -1s where missing."""
     flat: list[int] = []
     stat = os.stat
     for path in paths:
