@@ -59,17 +59,42 @@ def _read_error(path: Path, error: OSError) -> str:
     return f"cannot read: {error.strerror or one_line(error)}"
 
 
+class TooLarge(InputFailure):
+    """A file (or an input's files together) larger than the modality's limit allows."""
+
+    def __init__(self, size: int):
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
 def read_file(path: Path, max_bytes: int | None) -> bytes:
-    """A regular file's bytes; InputFailure for a device, pipe or socket (never read: it could be endless)
-    or a file larger than `max_bytes`. OSError when it cannot be opened."""
+    """A regular file's bytes; InputFailure for a device, pipe or socket (never read: it could be endless),
+    TooLarge for a file larger than `max_bytes`. OSError when it cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block the open
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InputFailure(f"not a regular file but a {_file_kind(info.st_mode)}")
         if max_bytes is not None and info.st_size > max_bytes:
-            raise InputFailure(f"{info.st_size} bytes: larger than any image within --max-pixels could be")
+            raise TooLarge(info.st_size)
         return file.read()
+
+
+def read_members(members: Sequence[Path], max_bytes: int | None) -> tuple[list[tuple[str, bytes]], str]:
+    """The (name, bytes) of an input's files, within `max_bytes` together, and their sha256: of each
+    file's name and sha256, in order."""
+    files, digest, total = [], hashlib.sha256(), 0
+    for member in members:
+        try:
+            data = read_file(member, None if max_bytes is None else max_bytes - total)
+        except TooLarge as error:
+            raise TooLarge(total + error.size) from None
+        except OSError as error:
+            raise InputFailure(f"{member.name}: {_read_error(member, error)}") from None
+        total += len(data)
+        digest.update(member.name.encode(errors="surrogateescape") + b"\0" + hashlib.sha256(data).digest())
+        files.append((member.name, data))
+    return files, digest.hexdigest()
 
 
 def _file_kind(mode: int) -> str:
@@ -105,12 +130,17 @@ class InputDataset(Dataset[Sample]):
         """Load one input into a Sample (skipped, failed or ready)."""
         item = self.items[index]
         try:
-            data = read_file(item.path, self.modality.max_bytes())
+            if item.members is None:
+                data = read_file(item.path, self.modality.max_bytes())
+                sha256 = hashlib.sha256(data).hexdigest()
+            else:
+                data, sha256 = read_members(item.members, self.modality.max_bytes())
         except OSError as error:
             return Sample(index, error=_read_error(item.path, error))
+        except TooLarge as error:
+            return Sample(index, error=f"{error.size} bytes: larger than {self.modality.limit} could be")
         except InputFailure as error:
             return Sample(index, error=str(error))
-        sha256 = hashlib.sha256(data).hexdigest()
         if self.skip is not None and self.skip(item, sha256):
             return Sample(index, sha256, skipped=True)
         try:
@@ -118,7 +148,7 @@ class InputDataset(Dataset[Sample]):
         except InputFailure as error:
             return Sample(index, sha256, error=str(error))
         except Exception as error:  # e.g. out of memory on an extreme aspect ratio
-            reason = f"cannot process image: {type(error).__name__}: {one_line(error)}"
+            reason = f"cannot process {self.modality.noun}: {type(error).__name__}: {one_line(error)}"
             return Sample(index, sha256, error=reason)
         return Sample(index, sha256, tensor, view)
 

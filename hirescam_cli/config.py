@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import modalities
 from .engine.methods import METHODS
 from .errors import UsageError
 
@@ -36,6 +37,7 @@ class ModelConfig:
     layout: str = "auto"  # how the target layer holds its map: auto, nchw, nhwc or tokens
     grid: tuple[int, int] | None = None  # the token grid (h, w); None: inferred
     prefix_tokens: int | None = None  # tokens before the grid (class, distillation, registers)
+    kwargs: dict[str, Any] | None = None  # [model.kwargs]: constructor arguments (monai:NAME, factories)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class RenderConfig:
     signed_colormap: str = "RdBu_r"
     alpha: float = 0.5
     signed: bool = False
+    window: tuple[float, float] | None = None  # volumes: the scan's window under the maps (CT: HU)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class OutputConfig:
 class Config:
     input: InputConfig
     model: ModelConfig
-    preprocess: PreprocessConfig
+    preprocess: Any  # PreprocessConfig for pictures, else the kind's own (modalities.preprocess_table)
     explain: ExplainConfig
     render: RenderConfig
     output: OutputConfig
@@ -113,8 +116,10 @@ SECTIONS = {
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):
-        return list(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -255,6 +260,22 @@ def _device(key: str, value: Any, base: Path) -> str:
     raise _fail(key, value, "auto, cpu, cuda, cuda:N or mps")
 
 
+def _kwargs(key: str, value: Any, _base: Path) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise _fail(key, value, "a table of keyword arguments ([model.kwargs] with name = value lines)")
+    return dict(value)
+
+
+def _window(key: str, value: Any, _base: Path) -> tuple[float, float]:
+    ok = isinstance(value, list | tuple) and len(value) == 2
+    ok = ok and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok or value[0] >= value[1]:
+        raise _fail(key, value, "[low, high] with low < high, in the scan's units (CT: Hounsfield units)")
+    return float(value[0]), float(value[1])
+
+
 def _quality(key: str, value: Any, _base: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
         raise _fail(key, value, "an integer from 1 (smallest files) to 100 (best pictures)")
@@ -268,7 +289,7 @@ def _png(key: str, value: Any, _base: Path) -> str:
 
 
 VALIDATORS = {
-    "input": {"kind": _text},  # checked against the modalities when the run opens
+    "input": {"kind": _choice(*modalities.KINDS)},
     "model": {
         "arch": _arch,
         "factory": _text,
@@ -282,6 +303,7 @@ VALIDATORS = {
         "layout": _choice("auto", "nchw", "nhwc", "tokens"),
         "grid": _grid,
         "prefix_tokens": _count,
+        "kwargs": _kwargs,
     },
     "preprocess": {
         "resize": _size,
@@ -301,7 +323,13 @@ VALIDATORS = {
         "device": _device,
         "amp": _flag,
     },
-    "render": {"colormap": _colormap, "signed_colormap": _colormap, "alpha": _fraction, "signed": _flag},
+    "render": {
+        "colormap": _colormap,
+        "signed_colormap": _colormap,
+        "alpha": _fraction,
+        "signed": _flag,
+        "window": _window,
+    },
     "output": {
         "save_raw": _flag,
         "format": _choice("png", "jpeg", "webp"),
@@ -335,6 +363,8 @@ def build(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table of keys")
         validators = VALIDATORS[name]
+        if name == "preprocess":  # the kind of input declares its own table (pictures: PreprocessConfig's)
+            cls, validators = modalities.preprocess_table(sections["input"].kind) or (cls, validators)
         bad = sorted(set(values) - set(validators))
         if bad:
             raise ConfigError(f"unknown key {name}.{bad[0]}; valid keys: {', '.join(validators)}")
@@ -365,6 +395,8 @@ def _check_whole(config: Config) -> None:
         raise ConfigError(f"model.factory = {model.factory!r} must look like 'package.module:callable'")
     if config.explain.classes is not None and config.explain.threshold is not None:
         raise ConfigError("set either explain.classes or explain.threshold, not both")
+    if model.kwargs is not None and not (model.factory or (model.arch or "").startswith("monai:")):
+        raise ConfigError("[model.kwargs] are constructor arguments of a monai:NAME model or a model.factory")
 
 
 def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:

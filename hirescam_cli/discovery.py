@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -39,10 +40,12 @@ class InputError(UsageError):
 
 @dataclass(frozen=True)
 class InputItem:
-    """One image to explain: the file to read and the unique relative key that names its outputs."""
+    """One input to explain: the file to read (or, for an input of several files, the path that names them
+    and its `members`) and the unique relative key that names its outputs."""
 
     path: Path
     key: str
+    members: tuple[Path, ...] | None = None  # the files of an input made of several (a DICOM series)
 
     @property
     def shown(self) -> str:
@@ -83,13 +86,13 @@ class Catalogue(Sequence[InputItem]):
     def __getitem__(self, index: int) -> InputItem:  # type: ignore[override]
         if not -self.count <= index < self.count:
             raise IndexError(index)
-        row = self._db().execute("SELECT path, key FROM items WHERE id = ?", (index % self.count + 1,))
-        path, key = row.fetchone()
-        return InputItem(Path(os.fsdecode(path)), key)
+        query = "SELECT path, key, members FROM items WHERE id = ?"
+        row = self._db().execute(query, (index % self.count + 1,))
+        return _item(*row.fetchone())
 
     def __iter__(self) -> Iterator[InputItem]:
-        for path, key in self._db().execute("SELECT path, key FROM items ORDER BY id"):
-            yield InputItem(Path(os.fsdecode(path)), key)
+        for row in self._db().execute("SELECT path, key, members FROM items ORDER BY id"):
+            yield _item(*row)
 
     def close(self) -> None:
         """Remove the file (only in the process that built it)."""
@@ -105,6 +108,12 @@ class Catalogue(Sequence[InputItem]):
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _item(path: bytes, key: str, members: bytes | None) -> InputItem:
+    """An InputItem from its catalogue row."""
+    files = None if members is None else tuple(Path(os.fsdecode(m)) for m in members.split(b"\0"))
+    return InputItem(Path(os.fsdecode(path)), key, files)
 
 
 def _remove_owned(path: str, owner: int) -> None:
@@ -128,14 +137,18 @@ def read_list(source: str) -> Iterator[str]:
                 yield os.fsdecode(line)
 
 
+Group = Callable[[str, Sequence[str]], Iterable[tuple[str, Sequence[str] | None]]]
+
+
 def discover(
     inputs: Sequence[str | Path],
     reserved: Collection[str] = (),
     exclude: str | Path | None = None,
     accepts: Callable[[str], bool] | None = None,
+    group: Group | None = None,
 ) -> list[InputItem]:
     """The inputs as a list (see ``catalogue``), for callers with few of them."""
-    with catalogue(inputs, reserved, exclude, accepts=accepts) as found:
+    with catalogue(inputs, reserved, exclude, accepts=accepts, group=group) as found:
         return list(found)
 
 
@@ -146,8 +159,9 @@ def catalogue(
     listed: Iterable[str] | None = None,
     allow_empty: bool = False,
     accepts: Callable[[str], bool] | None = None,
+    group: Group | None = None,
 ) -> Catalogue:
-    """Expand files, folders, glob patterns and listed paths into image inputs with unique keys, by key.
+    """Expand files, folders, glob patterns and listed paths into inputs with unique keys, by key.
 
     - A path to a file is taken whatever its extension; a folder is walked recursively and keeps the
       files the modality `accepts` by name (default: pictures, by extension); an argument that is not an
@@ -164,6 +178,10 @@ def catalogue(
       a pattern as its literal leading folders), made printable and unique (see ``_unique_keys``).
     - Nothing inside the folder `exclude` (the output folder) is taken, so reruns never explain outputs.
     - Keys never start with a name in `reserved` (names the output folder uses itself).
+    - `group(folder, paths)` (the modality's, for inputs made of several files) is handed every folder's
+      files found, whichever way (walks, patterns, arguments, lists), and yields the inputs they make:
+      (input path, its member files, or None for a file that is an input alone). An input path may be
+      the folder itself (keys then stay relative to the folder above it) or a name in it.
     - Raises InputError for no inputs at all, a missing path, or an argument yielding no image (the
       latter two only when `allow_empty` is false).
     """
@@ -176,10 +194,14 @@ def catalogue(
         with contextlib.closing(db):
             for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE"):
                 db.execute(f"PRAGMA {pragma}")
-            db.execute("CREATE TABLE paths (path BLOB PRIMARY KEY) WITHOUT ROWID")
+            db.execute("CREATE TABLE paths (path BLOB PRIMARY KEY, folder BLOB, members BLOB) WITHOUT ROWID")
             accepts = accepts or modalities.accepts("images")
             common = _collect(db, inputs, listed, exclude, allow_empty, accepts)
+            if group is not None:
+                common = _group(db, group, common)
             count, digest = _key(db, common, reserved)
+            if group is not None and not count and inputs and not allow_empty:
+                raise InputError(f"no inputs found in {', '.join(_printable(os.fspath(i)) for i in inputs)}")
             db.commit()
     except BaseException:
         _remove_owned(path, os.getpid())
@@ -298,17 +320,38 @@ def _insert(db: sqlite3.Connection, files: Iterable[str]) -> int:
     """Insert absolute file paths (duplicates ignored); returns how many were offered."""
     offered, chunk = 0, []
     for file in files:
-        chunk.append((os.fsencode(file),))
+        chunk.append((os.fsencode(file), os.fsencode(os.path.dirname(file))))
         if len(chunk) == _CHUNK:
-            db.executemany("INSERT OR IGNORE INTO paths VALUES (?)", chunk)
+            db.executemany("INSERT OR IGNORE INTO paths VALUES (?, ?, NULL)", chunk)
             offered, chunk = offered + len(chunk), []
-    db.executemany("INSERT OR IGNORE INTO paths VALUES (?)", chunk)
+    db.executemany("INSERT OR IGNORE INTO paths VALUES (?, ?, NULL)", chunk)
     return offered + len(chunk)
+
+
+def _group(db: sqlite3.Connection, group: Group, common: str | None) -> str | None:
+    """Replace the files found by the inputs `group` makes of each folder's files; returns the folder keys
+    are relative to (the parent of `common` when an input is that folder itself)."""
+    db.execute("CREATE TABLE grouped (path BLOB PRIMARY KEY, folder BLOB, members BLOB) WITHOUT ROWID")
+    rows = db.execute("SELECT folder, path FROM paths ORDER BY folder, path")
+    chunk, whole = [], False
+    for folder, files in itertools.groupby(rows, key=lambda row: row[0]):
+        found = group(os.fsdecode(folder), [os.fsdecode(path) for _, path in files])
+        for path, members in found:
+            whole = whole or path == common
+            joined = None if members is None else b"\0".join(os.fsencode(m) for m in members)
+            chunk.append((os.fsencode(path), folder, joined))
+            if len(chunk) == _CHUNK:
+                db.executemany("INSERT OR IGNORE INTO grouped VALUES (?, ?, ?)", chunk)
+                chunk = []
+    db.executemany("INSERT OR IGNORE INTO grouped VALUES (?, ?, ?)", chunk)
+    db.execute("DROP TABLE paths")
+    db.execute("ALTER TABLE grouped RENAME TO paths")
+    return os.path.dirname(common) if whole and common is not None else common
 
 
 def _key(db: sqlite3.Connection, common: str | None, reserved: Collection[str]) -> tuple[int, str]:
     """Give every path its unique key and write the `items` table in key order; returns (count, digest)."""
-    db.execute("CREATE TABLE keyed (id INTEGER PRIMARY KEY, path BLOB, key TEXT, folded TEXT)")
+    db.execute("CREATE TABLE keyed (id INTEGER PRIMARY KEY, path BLOB, key TEXT, folded TEXT, members BLOB)")
     prefix = (common.rstrip(os.sep) + os.sep) if common else ""
     reserved_folded = frozenset(_fold(name) for name in reserved)
 
@@ -317,13 +360,13 @@ def _key(db: sqlite3.Connection, common: str | None, reserved: Collection[str]) 
         return path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, common)
 
     rows = []
-    for (raw,) in db.execute("SELECT path FROM paths ORDER BY path"):
+    for raw, members in db.execute("SELECT path, members FROM paths ORDER BY path"):
         key = _avoid_reserved(_printable(relative(raw)).replace(os.sep, "/"), reserved_folded)
-        rows.append((raw, key, _fold(key)))
+        rows.append((raw, key, _fold(key), members))
         if len(rows) == _CHUNK:
-            db.executemany("INSERT INTO keyed (path, key, folded) VALUES (?, ?, ?)", rows)
+            db.executemany("INSERT INTO keyed (path, key, folded, members) VALUES (?, ?, ?, ?)", rows)
             rows = []
-    db.executemany("INSERT INTO keyed (path, key, folded) VALUES (?, ?, ?)", rows)
+    db.executemany("INSERT INTO keyed (path, key, folded, members) VALUES (?, ?, ?, ?)", rows)
     db.execute("DROP TABLE paths")
     db.execute("CREATE INDEX keyed_folded ON keyed (folded)")
     clashing = db.execute(
@@ -339,13 +382,15 @@ def _key(db: sqlite3.Connection, common: str | None, reserved: Collection[str]) 
         rows = [(i, relative(raw), key) for i, raw, key in clashing]
         renamed = _rename_clashes(rows, taken)
         db.executemany("UPDATE keyed SET key = ? WHERE id = ?", [(k, i) for i, k in renamed.items()])
-    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, path BLOB, key TEXT)")
-    db.execute("INSERT INTO items (path, key) SELECT path, key FROM keyed ORDER BY key")
+    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, path BLOB, key TEXT, members BLOB)")
+    db.execute("INSERT INTO items (path, key, members) SELECT path, key, members FROM keyed ORDER BY key")
     db.execute("DROP TABLE keyed")
     digest = hashlib.sha256()
     count = 0
-    for path, key in db.execute("SELECT path, key FROM items ORDER BY id"):
+    for path, key, members in db.execute("SELECT path, key, members FROM items ORDER BY id"):
         digest.update(path + b"\0" + key.encode() + b"\0")
+        if members is not None:  # a list of files is an input of its own: its digest says which
+            digest.update(b"\1" + members + b"\0")
         count += 1
     return count, digest.hexdigest()
 

@@ -7,14 +7,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .batches import InputDataset, make_loader
 from .config import Config, ConfigError
 from .discovery import InputItem, discover
 from .engine.methods import METHODS
 from .metrics import TOP_FRACTION, UNUSED_FRACTION, deletion_insertion, fidelity, localisation, summarise
-from .modalities import accepts
+from .modalities import accepts, group
 from .outputs import OutputDir
 from .progress import Progress
 from .report import write_eval_page
@@ -70,44 +69,6 @@ LOCALISATION_PIXELS = 2**22  # original pixels scored at once (pairs padded to t
 SAMPLE_SEED = 0
 
 
-def mask_folder(masks: Path, item: InputItem) -> Path:
-    """Masks of `a/x.png` live in MASKS/a/x/<label>.png."""
-    return masks / Path(item.key).with_suffix("")
-
-
-def load_masks(
-    masks: Path,
-    item: InputItem,
-    labels: list[str],
-    size: tuple[int, int],
-    problems: list[str],
-    empty: list[Path],
-):
-    """{class id: bool (H, W) mask} for every label with a non-empty mask file of the image's size; the
-    empty ones (the class is absent) go to `empty`."""
-    found = {}
-    for path in sorted(mask_folder(masks, item).glob("*.png")):
-        if path.stem not in labels:
-            problems.append(f"{path}: {path.stem!r} is not a label of the model")
-            continue
-        try:
-            with Image.open(path) as image:
-                mask = np.asarray(image.convert("L")) > 127
-        except OSError as e:
-            problems.append(f"{path}: cannot read ({e})")
-            continue
-        if mask.shape != size:
-            problems.append(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {size[1]}x{size[0]}")
-            continue
-        if not mask.any():
-            empty.append(path)
-            continue
-        found[labels.index(path.stem)] = mask
-    if not found and not empty:
-        problems.append(f"{mask_folder(masks, item)}: no usable mask for {item.key}")
-    return found
-
-
 def run_eval(
     config: Config, images: list[str], masks: Path | None, out: Path | None, positions: int | None = None
 ) -> dict[str, Any]:
@@ -126,7 +87,7 @@ def run_eval(
         raise ConfigError("eval matches masks to classes by label: set model.labels")
     model = loaded.module
     choose = session.selection() if masks is None else {}
-    items = discover(images, accepts=accepts(config.input.kind))
+    items = discover(images, accepts=accepts(config.input.kind), group=group(config.input.kind))
     resources = session.resources
     loader = make_loader(InputDataset(items, modality), resources.batch_size, resources.workers)
     score_fn = torch.sigmoid if session.multilabel else (lambda logits: torch.softmax(logits, -1))
@@ -154,13 +115,15 @@ def run_eval(
                     result = explainer(x, methods=tuple(METHODS), **choose)
                     valid = result.valid
                 else:
-                    rows, classes, truth = _mask_targets(masks, batch, items, loaded.labels, problems, empty)
+                    rows, classes, truth = _mask_targets(
+                        modality, masks, batch, items, loaded.labels, problems, empty
+                    )
                     if not rows:
                         continue
                     x = x[rows]
                     result = explainer(x, methods=tuple(METHODS), classes=classes.clamp_min(0).to(device))
                     valid = (classes >= 0).to(device)
-            grid = tuple(result.maps["hirescam"].shape[-2:])
+            grid = tuple(result.maps["hirescam"].shape[2:])  # any rank
             if not valid.any():
                 continue
             sample = _sample(grid, positions, generator, device)
@@ -175,7 +138,7 @@ def run_eval(
                     values[name][key].append(value.cpu())
             if truth is None:
                 continue
-            pair_rows = [rows[i] for i in image_of.tolist()]  # the batch row of each pair's picture
+            pair_rows = [rows[i] for i in image_of.tolist()]  # the batch row of each pair's input
             for name, scores in _localise(modality, maps, truth, batch.views, pair_rows).items():
                 for key, value in scores.items():
                     values[name][key].append(value)
@@ -204,8 +167,8 @@ def run_eval(
         "identical_by_construction": bool(flags.all()) if len(flags) else None,
         "occlusion": {
             "grid": list(grid) if grid else None,
-            "positions": grid[0] * grid[1] if grid else None,
-            "sampled": positions if grid and positions and positions < grid[0] * grid[1] else None,
+            "positions": math.prod(grid) if grid else None,
+            "sampled": positions if grid and positions and positions < math.prod(grid) else None,
             "batched": explainer.occlusion_batched,
             "unused_fraction": UNUSED_FRACTION,
             "top_fraction": TOP_FRACTION,
@@ -233,12 +196,24 @@ def run_eval(
 
 
 def _mask_targets(
-    masks: Path, batch, items: list[InputItem], labels: list[str], problems: list[str], empty: list[Path]
+    modality,
+    masks: Path,
+    batch,
+    items: list[InputItem],
+    labels: list[str],
+    problems: list[str],
+    empty: list[Path],
 ):
-    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order."""
+    """Rows of the batch with masks, their classes (R, T) padded with -1, and the masks in pair order. An
+    input's masks are in MASKS/<modality.mask_folder(key)>/; an input whose masks are all empty is left out
+    (the class is absent), one with none usable is a problem."""
     rows, per_row, truth = [], [], []
     for row, index in enumerate(batch.indices):
-        found = load_masks(masks, items[index], labels, batch.views.sizes[row], problems, empty)
+        folder = masks / modality.mask_folder(items[index].key)
+        dropped = len(empty)
+        found = modality.load_masks(folder, labels, batch.views, row, problems, empty)
+        if not found and len(empty) == dropped:
+            problems.append(f"{folder}: no usable mask for {items[index].key}")
         if found:
             rows.append(row)
             per_row.append(list(found))
@@ -288,10 +263,10 @@ def _padded(masks: list[np.ndarray]) -> torch.Tensor:
 
 
 def _sample(
-    grid: tuple[int, int], count: int | None, generator: torch.Generator, device
+    grid: tuple[int, ...], count: int | None, generator: torch.Generator, device
 ) -> torch.Tensor | None:
     """`count` distinct grid positions drawn at random (sorted), or None for all of them."""
-    cells = grid[0] * grid[1]
+    cells = math.prod(grid)
     if count is None or count >= cells:
         return None
     return torch.randperm(cells, generator=generator)[:count].sort().values.to(device)

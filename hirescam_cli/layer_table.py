@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 
-from .config import Config
+from .config import Config, ConfigError
 from .engine import Explainer
 from .engine.layers import choose_auto, probe_input, trace_layers
 from .engine.layouts import layout_spec
@@ -15,7 +15,10 @@ def layer_table(settings: Config) -> Iterator[str]:
     loaded = session.loaded
     probe = probe_input(session.probe())
     size = "x".join(map(str, probe.shape[2:]))
-    traced = trace_layers(loaded.module, probe, layout_spec(settings.model), probe=True)
+    try:
+        traced = trace_layers(loaded.module, probe, layout_spec(settings.model), probe=True)
+    except RuntimeError as e:  # the model cannot take inputs of this size
+        raise ConfigError(f"the model cannot take inputs of {size}: {str(e).splitlines()[0]}") from None
     try:
         auto = choose_auto(traced)
         yield f"{loaded.name}, input {size}; 'auto' picks {auto}"

@@ -1,13 +1,14 @@
 """Metrics for `hirescam eval`: localisation against masks, deletion/insertion, fidelity, summaries.
 
-Every function is batched over N (image, class) pairs. Localisation takes maps already registered onto
-the masks' pixels (the modality's `to_original`), at any spatial rank; deletion/insertion take raw maps
-(N, h, w) at the target layer's resolution and upsample them bilinearly to the model input, whose pixels
-they delete; fidelity works on the layer's grid.
+Every function is batched over N (input, class) pairs, at any spatial rank (pictures (N, h, w), volumes
+(N, d, h, w)). Localisation takes maps already registered onto the masks' pixels (the modality's
+`to_original`); deletion/insertion take raw maps (N, *grid) at the target layer's resolution and upsample
+them (bi- or trilinearly) to the model input, whose pixels they delete; fidelity works on the layer's grid.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,9 +20,13 @@ BOOTSTRAP_SAMPLES = 2000
 UNUSED_FRACTION = 0.01  # |Delta(p)| at most this fraction of max |Delta| counts as "not used"
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize raw maps (N, h, w) to (N, H, W), keeping their sign."""
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}  # by spatial rank
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(Bi-, tri-)linearly resize raw maps (N, *grid) to (N, *size), keeping their sign."""
+    mode = INTERPOLATION[len(size)]
+    return F.interpolate(maps[:, None].float(), size=size, mode=mode, align_corners=False)[:, 0]
 
 
 def localisation(
@@ -107,13 +112,14 @@ def deletion_insertion(
     """
     if chunk is None:  # on CPU, small batches reuse freed memory instead of faulting in fresh pages
         chunk = 64 if inputs.device.type == "cuda" else 8
-    n, _, h, w = inputs.shape
-    heat = upsample(maps.to(inputs.device), (h, w)).flatten(1)
+    n, _, *spatial = inputs.shape
+    size = math.prod(spatial)
+    heat = upsample(maps.to(inputs.device), tuple(spatial)).flatten(1)
     classes = classes.to(inputs.device)
     order = heat.argsort(dim=1, descending=True, stable=True)
-    positions = torch.arange(h * w, device=inputs.device).expand(n, -1)
-    rank = torch.empty_like(order).scatter_(1, order, positions).view(n, 1, h, w)
-    counts = torch.linspace(0, h * w, steps + 1, device=inputs.device).round()
+    positions = torch.arange(size, device=inputs.device).expand(n, -1)
+    rank = torch.empty_like(order).scatter_(1, order, positions).view(n, 1, *spatial)
+    counts = torch.linspace(0, size, steps + 1, device=inputs.device).round()
     baseline = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     image_of, step_of = torch.cartesian_prod(
         torch.arange(n, device=inputs.device), torch.arange(steps + 1, device=inputs.device)
@@ -122,7 +128,7 @@ def deletion_insertion(
     with torch.inference_mode():
         for start in range(0, len(image_of), chunk):
             images, stage = image_of[start : start + chunk], step_of[start : start + chunk]
-            chosen = rank[images] < counts[stage].view(-1, 1, 1, 1)
+            chosen = rank[images] < counts[stage].view(-1, *(1,) * (len(spatial) + 1))
             batch = torch.cat(
                 [torch.where(chosen, baseline, inputs[images]), torch.where(chosen, inputs[images], baseline)]
             )
@@ -132,7 +138,7 @@ def deletion_insertion(
             insertion.append(scores[len(images) :])
     deletion_curve = torch.cat(deletion).view(n, steps + 1).float()
     insertion_curve = torch.cat(insertion).view(n, steps + 1).float()
-    fractions = counts / (h * w)
+    fractions = counts / size
     return {
         "fractions": fractions,
         "deletion": deletion_curve,

@@ -105,7 +105,7 @@ class ExplainRun:
         session = self.session
         processes = f", {self.job.world} processes" if self.job.world > 1 else ""
         where = f"layer {session.explainer.target_layer}, on {session.device}{processes}"
-        self.say(f"{len(self.items)} images, model {session.loaded.name}, {where}")
+        self.say(f"{len(self.items)} {session.modality.noun}s, model {session.loaded.name}, {where}")
         if session.loaded.random_weights:
             self.say(
                 f'note: {session.loaded.name}: model.weights = "none", so it explains a network with random '
@@ -114,7 +114,7 @@ class ExplainRun:
         if self.pictures.name == "png" and self.pictures.png == "fast" and png_encoder("fast") != "fpng":
             self.say("fpng cannot be imported here: PNGs are encoded with zlib (slower, smaller)")
         progress = Progress(len(self.items), self.quiet)
-        renderer = session.modality.renderer(self.config, session.device)
+        renderer = session.modality.renderer(self.config, session.device, session.loaded.labels)
         try:
             with StopFlag() as stop:
                 try:
@@ -168,11 +168,13 @@ class ExplainRun:
 
     def _write(self, batch: Batch, result: Explanation, renderer) -> dict[int, tuple[dict, Future]]:
         """Hand the batch's good inputs to the sink: their summaries, raw maps and pictures (in parts)."""
-        session, sink, config = self.session, self.sink, self.config
+        session, sink, config, modality = self.session, self.sink, self.config, self.session.modality
         methods, save_raw = config.explain.methods, config.output.save_raw
+        extra = modality.numbers(result, batch.views)
         numbers = batch_numbers(
-            result, session.multilabel, lambda maps: session.modality.locate(maps, batch.views)
+            result, session.multilabel, lambda maps: modality.locate(maps, batch.views), extra
         )
+        map_files = modality.map_files(save_raw)
         raw_maps = {m: result.maps[m].cpu().numpy() for m in methods} if save_raw else None
         keys = [self.items[index].key for index in batch.indices]
         summaries, columns = [], []  # per row: its summary, and the targets of the batch it lists
@@ -181,7 +183,7 @@ class ExplainRun:
                 "schema": SCHEMA,
                 "input": self.items[index].shown,
                 "key": key,
-                **session.modality.describe(batch.views, row),
+                **modality.describe(batch.views, row),
                 "sha256": batch.sha256[row],
                 "model": session.loaded.name,
                 "target_layer": result.target_layer,
@@ -191,7 +193,7 @@ class ExplainRun:
             }
 
             def files(method: str, cls: int, key: str = key) -> dict[str, str | None]:
-                return sink.map_paths(key, method, cls, save_raw)
+                return sink.map_paths(key, method, cls, save_raw, map_files)
 
             summary = image_summary(
                 numbers,
@@ -202,6 +204,7 @@ class ExplainRun:
                 result.guarantee,
                 files,
                 config.explain.threshold,
+                tuple(extra),
             )
             summaries.append(summary)
             columns.append([t for t, valid in enumerate(numbers["valid"][row]) if valid])

@@ -4,7 +4,8 @@ renderers yield): pixels on the host, or file bytes encoded on the device where 
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -39,7 +40,9 @@ def normalize_signed(maps: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Part:
     """Some of a batch's pictures (see ``plan_parts``): channel c of an input is target c % targets of method
-    c // targets (methods in config order)."""
+    c // targets (methods in config order). `files` holds the modality's other files of these maps (its
+    `map_files`): (row of the batch, channel) -> {summary field: payload}, a payload being a picklable
+    object with `encode() -> bytes` (run by a writer) and `nbytes` (what it holds until then)."""
 
     rows: range  # the inputs, rows of the batch
     channels: range
@@ -47,6 +50,7 @@ class Part:
     # uint8 (len(rows), len(channels), H, W, 3) on the host, padded to the largest; or, encoded on the
     # device, pictures[i][c] is the file of row i's channel c (bytes)
     pictures: np.ndarray | list[list[bytes]]
+    files: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
 
 DeviceEncoder = Callable[[Tensor, Sequence[tuple[int, int]]], list[list[bytes]]]

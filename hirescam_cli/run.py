@@ -9,7 +9,7 @@ from .discovery import catalogue, read_list
 from .distributed import Job
 from .errors import EXIT_OK, UsageError
 from .lock import OutLock
-from .modalities import accepts
+from .modalities import accepts, group
 from .outputs import RESERVED
 
 
@@ -46,6 +46,7 @@ def run_explain(
         listed=listed,
         allow_empty=allow_empty,
         accepts=accepts(config.input.kind),
+        group=group(config.input.kind),
     )
     with found as items:
         if not items:

@@ -74,6 +74,23 @@ def class_ids(classes: tuple[int | str, ...] | None, labels: list[str] | None) -
     return list(dict.fromkeys(ids))
 
 
+def check_rank(model: torch.nn.Module, modality: Any, kind: str) -> None:
+    """A ConfigError when the model's first convolution takes inputs of another rank than the modality's
+    (a volume network given pictures, or the reverse)."""
+    first = next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None
+    )
+    if first is None:
+        return
+    name, conv = first
+    rank, given = len(conv.kernel_size), len(modality.input_shape()) - 1
+    if rank != given:
+        raise ConfigError(
+            f"the model is a {rank}-D network (its first convolution {name!r} is {type(conv).__name__}) but "
+            f"input.kind = {kind!r} gives it {given}-D inputs: set [input] kind to the kind of its inputs"
+        )
+
+
 @dataclass
 class Session:
     """A configured model ready to explain inputs of its modality on its device."""
@@ -114,6 +131,7 @@ class Session:
         multilabel = loaded.multilabel if config.model.multilabel is None else config.model.multilabel
         if explain.threshold is not None and not multilabel:
             raise ConfigError("explain.threshold needs model.multilabel = true (sigmoid outputs)")
+        check_rank(loaded.module, modality, config.input.kind)
         session = cls(config, job, device, resources, loaded, modality, classes, multilabel)
         loaded.module.to(device)
         if explainer:
@@ -189,9 +207,13 @@ class Session:
             )
             self.explainer = explainer
             self.explain(self.probe())
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             if explainer is not None:
                 explainer.close()
             self.explainer = None
+            if isinstance(e, RuntimeError):
+                shape = "x".join(map(str, self.modality.input_shape()))
+                reason = str(e).splitlines()[0]
+                raise ConfigError(f"the model cannot take inputs of {shape}: {reason}") from None
             raise ConfigError(str(e)) from None
         return explainer

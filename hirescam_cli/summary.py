@@ -42,11 +42,15 @@ def top_region_iou(a: Tensor, b: Tensor, fraction: float = TOP_FRACTION) -> Tens
 
 
 def batch_numbers(
-    result: Explanation, multilabel: bool, locate: Callable[[Tensor], Tensor]
+    result: Explanation,
+    multilabel: bool,
+    locate: Callable[[Tensor], Tensor],
+    extra: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Every number the summaries need, as nested Python lists, and the maps of at most GRID_POSITIONS
     positions as `grid_maps` keeps them; `locate` gives the peak of each (B, T, *grid) map in the input's
-    coordinates (the modality's)."""
+    coordinates (the modality's), and `extra` holds the modality's own numbers (B, T, ...): "field" per
+    target, "method.field" per map (see `image_summary`)."""
     logits = result.logits
     probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)
     top = logits.topk(min(5, logits.shape[1]), dim=-1).indices
@@ -72,6 +76,7 @@ def batch_numbers(
     if "hirescam" in result.maps and "gradcam" in result.maps:
         numbers["pearson"] = pearson(result.maps["hirescam"], result.maps["gradcam"])
         numbers["iou"] = top_region_iou(result.maps["hirescam"], result.maps["gradcam"])
+    numbers |= extra or {}
     numbers = {k: v.cpu().tolist() for k, v in numbers.items()}
     for name, maps in result.maps.items():
         if math.prod(maps.shape[2:]) <= GRID_POSITIONS:
@@ -95,6 +100,13 @@ def grid_maps(maps: Tensor) -> list[list[dict[str, Any]]]:
     ]
 
 
+def _plain(value: Any) -> Any:
+    """A number or nested list of them for JSON: floats at float32's precision, ints as they are."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return _g(value) if isinstance(value, float) else value
+
+
 def label_of(labels: list[str] | None, index: int) -> str:
     return labels[index] if labels and index < len(labels) else str(index)
 
@@ -108,11 +120,15 @@ def image_summary(
     guarantee: bool,
     files,
     threshold: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
-    """The summary of image `row` of a batch: `base` fields plus predictions and targets.
+    """The summary of input `row` of a batch: `base` fields plus predictions and targets.
 
-    `files(method, class)` gives the files of a map, relative to OUT: {format: picture, "raw": raw}. With
-    a `threshold` that no class passes, `no_target` says so, with the best class and its probability.
+    `files(method, class)` gives the paths of a map's files by summary field, relative to OUT: its picture
+    under its format's name ("png", "jpeg" or "webp"), "raw", and the modality's other files ("nifti",
+    ...). `extra` names the modality's numbers (see `batch_numbers`): "field" goes in each target,
+    "method.field" in that method's map. With a `threshold` that no class passes, `no_target` says so,
+    with the best class and its probability.
     """
     predictions = [
         {"class": c, "label": label_of(labels, c), "logit": _g(lg), "probability": _g(p)}
@@ -147,6 +163,9 @@ def image_summary(
             "zero_gradient": numbers["zero_gradient"][row][t],
             "maps": maps,
         }
+        for key in extra:
+            method, per_map, field = key.rpartition(".")
+            (maps[method] if per_map else target)[field] = _plain(numbers[key][row][t])
         if "pearson" in numbers:
             target["agreement"] = {
                 "pearson": _g(numbers["pearson"][row][t]),

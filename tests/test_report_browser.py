@@ -19,6 +19,8 @@ except ImportError:  # the browser fixture skips, or fails in CI
     expect = None
 from hirescam_cli.report.gallery import PAGE_SIZE
 
+# markup as the browser serialises it, whitespace between tags aside (the HTML and the script's cards)
+NORMALISE = "h => h.replace(/>\\s+</g, '><').replace(/\\s+/g, ' ').replace(/ hidden=\"\"/g, '').trim()"
 CHROMIUM = os.environ.get("HIRESCAM_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -182,10 +184,45 @@ def test_cards_built_by_script_match_the_html(page):
     page.page.select_option("#sort", "gap")
     page.page.select_option("#sort", "input")
     page.cards()
-    normalise = "h => h.replace(/>\\s+</g, '><').replace(/\\s+/g, ' ').replace(/ hidden=\"\"/g, '').trim()"
-    assert page.page.evaluate(normalise, html_cards) == page.page.evaluate(
-        normalise, page.page.locator("#cards").inner_html()
+    assert page.page.evaluate(NORMALISE, html_cards) == page.page.evaluate(
+        NORMALISE, page.page.locator("#cards").inner_html()
     )
+
+
+def test_volume_cards_built_by_script_match_the_html_and_link_their_nifti_maps(browser, tmp_path, capsys):
+    from test_cli import run
+    from test_volumes import hounsfield, volume_config
+    from volume_sets import oblique_affine, write_nifti
+
+    for n in range(2):
+        affine = oblique_affine(zooms=(1.0, 1.5, 3.0))
+        write_nifti(tmp_path / "in" / f"scan{n}.nii.gz", hounsfield(seed=n), affine)
+    out = tmp_path / "out"
+    command = ["explain", tmp_path / "in", "-o", out, "-c", volume_config(tmp_path), "--report", "-q"]
+    assert run(command, capsys)[0] == 0
+    records = report_data(out)["images"]
+    assert [r["k"] for r in records] == ["volume", "volume"]
+    niftis = [cell[2] for r in records for t in r["t"] for cell in t["m"] if cell]
+    page = Page(browser, (out / "report" / "index.html").as_uri())
+    try:
+        links = "as => as.map(a => a.getAttribute('href'))"
+        assert page.page.locator("#cards a.nifti").evaluate_all(links) == niftis
+        html_cards = page.page.locator("#cards").inner_html()
+        page.page.select_option("#sort", "gap")
+        page.page.select_option("#sort", "input")
+        page.cards()
+        assert page.page.evaluate(NORMALISE, html_cards) == page.page.evaluate(
+            NORMALISE, page.page.locator("#cards").inner_html()
+        )
+        assert page.page.locator("#cards .scan").all_inner_texts() == [r["d"] for r in records]
+        page.page.locator("li.card").first.locator("button.open").click()
+        page.page.wait_for_selector("#viewer[open]")
+        first = [cell[2] for t in records[0]["t"] for cell in t["m"] if cell]
+        assert page.page.locator("#viewer a.nifti").evaluate_all(links) == first
+        assert page.all_images_load() == []
+        assert page.problems == []
+    finally:
+        page.close()
 
 
 def test_without_javascript_the_first_page_is_readable(browser, run_out):

@@ -109,6 +109,41 @@ def gap_net() -> nn.Module:
     return nn.Sequential(*_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
+@seeded()
+def tiny_net3d() -> nn.Module:
+    """Conv3d features to a 4-channel 4x3x2 map (for 8x6x4 volumes), then flatten + linear: an affine head."""
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 3 * 2, 3),
+    )
+
+
+CELL = (1, 2, 1)  # the cell of tiny_net3d's 4 x 3 x 2 grid (for 8 x 6 x 4 inputs) that cell_net3d reads
+
+
+def cell_net3d() -> nn.Module:
+    """tiny_net3d whose every class reads only the grid cell CELL, with positive weights and activations."""
+    model = tiny_net3d()
+    with torch.no_grad():
+        weight = model[5].weight.view(3, 4, 4, 3, 2)
+        weight.copy_(torch.linspace(0.1, 1.0, weight.numel()).view_as(weight))
+        keep = torch.zeros(4, 3, 2, dtype=torch.bool)
+        keep[CELL] = True
+        weight[:, :, ~keep] = 0
+        model[5].bias.zero_()
+        model[2].bias.fill_(1.0)
+    return model
+
+
+def slow_net3d() -> nn.Module:
+    """tiny_net3d that takes at least 0.2 s per batch."""
+    return _Slow(tiny_net3d(), 0.2)
+
+
 def perturbed_net() -> nn.Module:
     """tiny_net with seeded noise added to its head's weights: a "retrained" model whose predictions and
     maps differ from tiny_net's on some inputs."""

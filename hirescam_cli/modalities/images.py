@@ -11,8 +11,10 @@ Pillow on the CPU, one by one, as everywhere else.
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as TF
@@ -65,6 +67,8 @@ class Images:
     """2-D pictures in, overlays registered on the original out (see the `modalities` package)."""
 
     kind: ClassVar[str] = "images"
+    noun: ClassVar[str] = "image"  # what one input is, in messages
+    limit: ClassVar[str] = "any image within --max-pixels"  # what max_bytes stands for, in messages
     preprocess: "Preprocess"
     max_pixels: int | None = None  # larger pictures are refused (decompression bombs)
     max_side: int | None = None  # overlay pictures' long side at most; None: no overlay pictures
@@ -105,6 +109,14 @@ class Images:
         tensor, box = self.preprocess(image)
         picture = None if self.max_side is None else overlay_image(image, self.max_side)
         return tensor, PictureView((image.shape[1], image.shape[2]), box, picture)
+
+    def numbers(self, result, views: PictureViews) -> dict[str, Tensor]:
+        """No summary numbers beyond the common ones."""
+        return {}
+
+    def map_files(self, save_raw: bool) -> dict[str, str]:
+        """No files per map beyond its picture and raw array."""
+        return {}
 
     def collate(self, views: Sequence[PictureView]) -> PictureViews:
         return PictureViews(
@@ -198,11 +210,50 @@ class Images:
         y = boxes[..., 1] + (row + 0.5) / height * (boxes[..., 3] - boxes[..., 1])
         return torch.stack([x, y], -1).floor()
 
-    def renderer(self, config: Config, device: torch.device):
-        """What draws a batch's overlays, in parts (image_overlays.Renderer)."""
+    def renderer(self, config: Config, device: torch.device, labels: list[str] | None = None):
+        """What draws a batch's overlays, in parts (image_overlays.Renderer; pictures carry no labels)."""
         from .image_overlays import Renderer
 
         return Renderer(config, device)
+
+    def mask_folder(self, key: str) -> str:
+        """Where eval finds an input's masks, under MASKS: `a/x.png` -> `a/x`."""
+        return Path(key).with_suffix("").as_posix()
+
+    def load_masks(
+        self,
+        folder: Path,
+        labels: list[str],
+        views: PictureViews,
+        row: int,
+        problems: list[str],
+        empty: list[Path],
+    ) -> dict[int, np.ndarray]:
+        """{class id: bool (H, W)} of every non-empty FOLDER/<label>.png of the picture's size; the empty
+        ones (the class is absent) go to `empty`, what cannot be used to `problems`."""
+        from PIL import Image
+
+        found = {}
+        size = views.sizes[row]
+        for path in sorted(folder.glob("*.png")):
+            if path.stem not in labels:
+                problems.append(f"{path}: {path.stem!r} is not a label of the model")
+                continue
+            try:
+                with Image.open(path) as image:
+                    mask = np.asarray(image.convert("L")) > 127
+            except OSError as e:
+                problems.append(f"{path}: cannot read ({e})")
+                continue
+            if mask.shape != size:
+                shown = f"{mask.shape[1]}x{mask.shape[0]}, image is {size[1]}x{size[0]}"
+                problems.append(f"{path}: mask is {shown}")
+                continue
+            if not mask.any():
+                empty.append(path)
+                continue
+            found[labels.index(path.stem)] = mask
+        return found
 
     def to_original(self, maps: Tensor, views: PictureViews, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Maps (N, h, w) registered onto the original pictures of batch rows `rows` through the crop box,

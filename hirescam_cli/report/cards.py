@@ -104,7 +104,32 @@ def image_card(summary: dict[str, Any], sources: Sources) -> dict[str, Any]:
     return record
 
 
-def _target(target: dict[str, Any], sources: Sources) -> dict[str, Any]:
+def volume_card(summary: dict[str, Any], sources: Sources) -> dict[str, Any]:
+    """A volume's card: the image card without a picture of the original (its maps' pictures show the
+    scan), d: its grid, spacing and orientation; each map's cell also links its NIfTI file (third)."""
+    record: dict[str, Any] = {"d": scan_text(summary)}
+    record["t"] = [_target(target, sources, ("nifti",)) for target in summary.get("targets", [])]
+    if not record["t"]:
+        record["z"] = _why_none(summary)
+    return record
+
+
+def is_volume(summary: dict[str, Any]) -> bool:
+    """A volume's summary: one with its voxel grid and spacing."""
+    return isinstance(summary.get("shape"), list) and isinstance(summary.get("spacing"), list)
+
+
+def scan_text(summary: dict[str, Any]) -> str:
+    """A volume's voxel grid, spacing and orientation ("56 x 48 x 36 voxels of 3 x 3.5 x 4.5 mm, LPS")."""
+    times = " \N{MULTIPLICATION SIGN} "
+    spacing = times.join(f"{s:g}" if number(s) is not None else "?" for s in summary["spacing"])
+    text = f"{times.join(map(str, summary['shape']))} voxels of {spacing} mm"
+    return text + (f", {summary['orientation']}" if summary.get("orientation") else "")
+
+
+def _target(target: dict[str, Any], sources: Sources, files: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A target's numbers and its maps' cells: [thumbnail, full-size link, then a link (or null) to each
+    of the map's `files` (summary fields of its entry)]."""
     agreement = target.get("agreement") or {}
     out = {
         "c": target.get("class"),
@@ -126,7 +151,8 @@ def _target(target: dict[str, Any], sources: Sources) -> dict[str, Any]:
             continue
         cells += [None] * (at + 1 - len(cells))
         names = sources.picture(str(png), "png:" + str(png), (THUMB_SIDE,), original=False)
-        cells[at] = [names[0] if names else None, link(str(png))]
+        extra = [link(str(entry[name])) if entry.get(name) else None for name in files]
+        cells[at] = [names[0] if names else None, link(str(png)), *extra]
     out["m"] = cells
     return out
 
@@ -138,6 +164,10 @@ def _why_none(summary: dict[str, Any]) -> str:
         return "no class explained"
     best = f"{none.get('best_label', none.get('best_class'))}, p {fixed(none.get('best_probability'), 3)}"
     return f"no class above the threshold {none.get('threshold')} (best: {best})"
+
+
+def volume_thumbnails(record: dict[str, Any]) -> list[str]:
+    return [cell[0] for target in record.get("t", []) for cell in target["m"] if cell and cell[0]]
 
 
 def image_thumbnails(record: dict[str, Any]) -> list[str]:
@@ -156,6 +186,7 @@ class CardKind:
 
 
 CARD_KINDS: dict[str, CardKind] = {  # the first kind that accepts a summary shows it
+    "volume": CardKind(is_volume, volume_card, volume_thumbnails),
     "image": CardKind(lambda summary: True, image_card, image_thumbnails),
 }
 

@@ -2,8 +2,9 @@
 
 A sink is a class built from OUT (an `outputs.OutputDir`, which knows the pictures' format) and the writer
 counts (processes, else threads), with
-    map_paths(key, method, cls, raw)   a map's entry in the summary: where its picture and raw array go
-                                       (relative to OUT), {format: picture, "raw": raw or None}
+    map_paths(key, method, cls, raw, extra)  a map's entry in the summary: where its files go (relative to
+                                       OUT), {format: picture, "raw": raw or None, field: path} with the
+                                       modality's other files (`extra`: summary field -> name suffix)
     summary_path(key)                  where the input's summary goes (results.jsonl records it)
     resume_check(fingerprint)          a picklable test (item, sha256) -> done, run in the loader's workers
     write(...)                         queue a batch's pictures, raw maps and summaries; futures per input

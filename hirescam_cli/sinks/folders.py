@@ -4,6 +4,7 @@
     OUT/a/cat.jpg/<method>-<class>.png   a picture per method and target (the modality's; .jpg, .webp
                                          with output.format = "jpeg", "webp")
     OUT/a/cat.jpg/<method>-<class>.npy   the raw map, with --save-raw
+    OUT/a/cat.jpg/<method>-<class><suffix>  the modality's other files per map (volumes: .nii.gz)
 
 An input's set is staged and swapped in whole (``OutputDir.replacing``): OUT/<key> holds the old complete
 set or the new one, never a mix. Resume knows an input is done when its summary has the input's sha256
@@ -33,40 +34,47 @@ def summary_path(key: str) -> str:
 
 
 def map_paths(
-    key: str, method: str, cls: int, raw: bool, picture_format: str = "png"
+    key: str,
+    method: str,
+    cls: int,
+    raw: bool,
+    picture_format: str = "png",
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str | None]:
-    """Where a map's picture (listed under its format's name) and, with --save-raw, its raw array go,
-    relative to OUT."""
-    extension = EXTENSIONS[picture_format]
-    return {
-        picture_format: f"{key}/{method}-{cls}.{extension}",
-        "raw": f"{key}/{method}-{cls}.npy" if raw else None,
-    }
+    """Where a map's files go, relative to OUT, by summary field: its picture (under its format's name),
+    with --save-raw its raw array ("raw"), and the modality's other files (`extra`: field -> name suffix)."""
+    stem = f"{key}/{method}-{cls}"
+    paths = {picture_format: f"{stem}.{EXTENSIONS[picture_format]}", "raw": f"{stem}.npy" if raw else None}
+    return paths | {field: f"{stem}{suffix}" for field, suffix in (extra or {}).items()}
 
 
-def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write some of one image's pictures (and raw maps) into its staging folder: a huge image's come in
-    several parts, from any writer, and `write_image` then puts the whole set in place.
+def write_maps(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps, files=None) -> None:
+    """Write some of one input's pictures (raw maps, other files) into its staging folder: a huge input's
+    come in several parts, from any writer, and `write_image` then puts the whole set in place.
 
-    `pictures[method][t]` is the uint8 (H, W, 3) overlay of summary["targets"][t] (or its file bytes,
-    encoded on the device), `raw_maps[method][t]` (or raw_maps None) its float32 (h, w) raw map.
+    `pictures[method][t]` is the uint8 (H, W, 3) picture of summary["targets"][t] (or its file bytes,
+    encoded on the device), `raw_maps[method][t]` (or raw_maps None) its float32 raw map, and
+    `files[(method, t)]` (or files None) its other files by summary field: payloads whose `encode()` gives
+    the file's bytes (render.Part).
     """
     staging = outdir.staging(key)
     staging.mkdir(exist_ok=True)
     for method, overlays in pictures.items():
         for t, picture in overlays.items():
-            files = summary["targets"][t]["maps"][method]
+            paths = summary["targets"][t]["maps"][method]
             data = file_bytes(picture, outdir.pictures)
-            outdir.create(staging / _own_name(key, picture_of(files) or ""), data)
+            outdir.create(staging / _own_name(key, picture_of(paths) or ""), data)
             if raw_maps is not None:
-                outdir.create(staging / _own_name(key, files["raw"]), npy_bytes(raw_maps[method][t]))
+                outdir.create(staging / _own_name(key, paths["raw"]), npy_bytes(raw_maps[method][t]))
+            for field, payload in (files or {}).get((method, t), {}).items():
+                outdir.create(staging / _own_name(key, paths[field]), payload.encode())
 
 
-def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps) -> None:
-    """Write one image's remaining pictures and raw maps (as write_maps; {} when earlier parts wrote them all)
-    and its summary, then replace OUT/<key> with the complete set at once."""
+def write_image(outdir: OutputDir, key: str, summary: dict, pictures, raw_maps, files=None) -> None:
+    """Write one input's remaining files (as write_maps; {} when earlier parts wrote them all) and its
+    summary, then replace OUT/<key> with the complete set at once."""
     with outdir.replacing(key) as staging:
-        write_maps(outdir, key, summary, pictures, raw_maps)
+        write_maps(outdir, key, summary, pictures, raw_maps, files)
         outdir.create(staging / SUMMARY_NAME, json_bytes(summary))
 
 
@@ -79,11 +87,12 @@ def _own_name(key: str, path: str) -> str:
 
 
 def listed_files(summary: dict) -> set[str]:
-    """The names of the files a summary says its folder holds, summary.json included."""
+    """The names of the files a summary says its folder holds, summary.json included: every string field of
+    a map is the path of one of its files."""
     names = {SUMMARY_NAME}
     for target in summary["targets"]:
-        for files in target["maps"].values():
-            names.update(path.rpartition("/")[2] for path in (picture_of(files), files["raw"]) if path)
+        for fields in target["maps"].values():
+            names.update(value.rpartition("/")[2] for value in fields.values() if isinstance(value, str))
     return names
 
 
@@ -137,6 +146,7 @@ class ImageJob:
         dict[str, dict[int, np.ndarray]] | None
     )  # float32 raw maps by method and target, with --save-raw
     complete: bool = True
+    files: dict[tuple[str, int], dict] | None = None  # (method, target) -> the modality's other files
 
 
 def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray | list) -> None:
@@ -151,9 +161,14 @@ def write_job(outdir: OutputDir, job: ImageJob, pictures: np.ndarray | list) -> 
             picture if isinstance(picture, bytes) else picture[:height, :width]
         )
     if job.complete:
-        write_image(outdir, job.key, job.summary, own, job.raw_maps)
+        write_image(outdir, job.key, job.summary, own, job.raw_maps, job.files)
     else:
-        write_maps(outdir, job.key, job.summary, own, job.raw_maps)
+        write_maps(outdir, job.key, job.summary, own, job.raw_maps, job.files)
+
+
+def payload_bytes(job: ImageJob) -> int:
+    """What a job's other files hold until a writer encodes them."""
+    return sum(payload.nbytes for payloads in (job.files or {}).values() for payload in payloads.values())
 
 
 class FolderSink:
@@ -167,9 +182,12 @@ class FolderSink:
         self.out = out
         self.writers = Writers(writers, threads)
 
-    def map_paths(self, key: str, method: str, cls: int, raw: bool) -> dict[str, str | None]:
-        """Where a map's picture (in the run's format) and raw array go: the summary's entry of the map."""
-        return map_paths(key, method, cls, raw, self.out.pictures.name)
+    def map_paths(
+        self, key: str, method: str, cls: int, raw: bool, extra: dict[str, str] | None = None
+    ) -> dict[str, str | None]:
+        """Where a map's picture (in the run's format), raw array and the modality's other files go: the
+        summary's entry of the map."""
+        return map_paths(key, method, cls, raw, self.out.pictures.name, extra)
 
     def resume_check(self, fingerprint: str) -> ResumeCheck:
         return ResumeCheck(self.out.root, fingerprint)
@@ -207,16 +225,21 @@ class FolderSink:
                     raw = {method: {} for method in methods}
                     for _, method, i in own:
                         raw[method][i] = raw_maps[method][row, columns[row][i]]
+                files = {
+                    (method, i): part.files[row, part.channels.start + channel]
+                    for channel, method, i in own
+                    if (row, part.channels.start + channel) in part.files
+                }
                 whole = part.channels == everything
-                jobs.append(
-                    ImageJob(keys[row], summaries[row], row - part.rows.start, own, raw, complete=whole)
-                )
+                at = row - part.rows.start
+                jobs.append(ImageJob(keys[row], summaries[row], at, own, raw, whole, files or None))
             if isinstance(part.pictures, np.ndarray):
-                written = self.writers.submit(write_job, self.out, part.pictures, jobs)
+                extra = sum(map(payload_bytes, jobs))
+                written = self.writers.submit(write_job, self.out, part.pictures, jobs, extra)
             else:  # encoded on the device: each input's few file bytes go to its writer alone
                 alone = [replace(job, row=0) for job in jobs]
                 written = [
-                    self.writers.submit(write_job, self.out, [files], [job])[0]
+                    self.writers.submit(write_job, self.out, [files], [job], payload_bytes(job))[0]
                     for files, job in zip(part.pictures, alone, strict=True)
                 ]
             for row, job, future in zip(part.rows, jobs, written, strict=True):

@@ -57,13 +57,14 @@ class Writers:
         self._finishing: list[Future] = []
 
     def submit(
-        self, write: Write, outdir: OutputDir, pictures: np.ndarray | list, jobs: Sequence
+        self, write: Write, outdir: OutputDir, pictures: np.ndarray | list, jobs: Sequence, extra: int = 0
     ) -> list[Future]:
         """Queue `write(outdir, job, pictures)` for each job of one part of a batch's pictures, uint8
         (n, k, H, W, 3), or their files encoded already (pictures[i][c], bytes: small enough to be handed
-        over as they are); first waits while earlier parts not yet written hold more than the budget."""
+        over as they are), whose jobs hold `extra` bytes more (other files' payloads); first waits while
+        earlier parts not yet written hold more than the budget."""
         pixels = isinstance(pictures, np.ndarray)
-        size = pictures.nbytes if pixels else sum(len(data) for row in pictures for data in row)
+        size = (pictures.nbytes if pixels else sum(len(data) for row in pictures for data in row)) + extra
         with self._room:
             self._room.wait_for(lambda: not self._queued or self._queued + size <= self.budget)
             self._queued += size

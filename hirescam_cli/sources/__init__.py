@@ -2,6 +2,7 @@
 
     resnet50            torchvision_models.py  (a torchvision classification model and its weights)
     timm:NAME           timm_models.py
+    monai:NAME          monai_models.py        (a MONAI network built from [model.kwargs])
     hf:PATH_OR_NAME     hf_models.py           (a Hugging Face transformers image classifier)
     factory = "m:fn"    factory.py             (a callable that returns an nn.Module: runs that code)
     checkpoint = FILE   checkpoint.py          (a state_dict loaded as data, whatever the source)
@@ -16,7 +17,7 @@ import importlib
 from ..errors import UsageError
 
 # model.arch prefix -> the module of this package that builds it
-SOURCES = {"timm": "timm_models", "hf": "hf_models"}
+SOURCES = {"timm": "timm_models", "monai": "monai_models", "hf": "hf_models"}
 DEFAULT = "torchvision_models"  # model.arch without a prefix
 
 

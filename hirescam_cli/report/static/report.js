@@ -191,10 +191,51 @@
   function figure(src, alt, caption) {
     return el("figure", {}, el("a", { href: src, target: "_blank", rel: "noopener" }, el("img", { src: src, alt: alt, loading: "lazy" })), el("figcaption", {}, caption));
   }
+  // a map cell's NIfTI link (volumes), after a space; nothing where the cell has none
+  const niftiLink = (cell) => (cell[2] ? [" ", el("a", { class: "nifti", href: cell[2] }, "NIfTI")] : []);
   const numbers = (t) => `p ${fixed(t.p, 3)}, gap ${exponent(t.g)}, r ${fixed(t.r, 2)}, IoU ${fixed(t.u, 2)}`;
 
-  // Per kind of card (cards.py's CARD_KINDS): its body in the grid, and what the full-size viewer shows.
+  // Per kind of card (cards.py's CARD_KINDS, in its order): its body in the grid, and what the full-size
+  // viewer shows.
   const KINDS = {
+    volume: {
+      body(r) {
+        const scan = el("figure", { class: "original" }, el("span", { class: "missing scan" }, r.d), el("figcaption", {}, "scan"));
+        const targets = el("div", { class: "targets" });
+        for (const t of r.t) {
+          const maps = el("div", { class: "maps" });
+          t.m.forEach((cell, k) => {
+            if (!cell) return;
+            const name = methods[k][1];
+            maps.append(el("figure", {}, el("a", { href: cell[1] }, thumb(cell[0], name + " for " + t.l + " on " + r.n)), el("figcaption", {}, name, ...niftiLink(cell))));
+          });
+          targets.append(el("section", { class: "target" },
+            el("h3", {}, el("span", { class: "label" }, t.l), " ", el("span", { class: "prob", title: "probability" }, "p " + fixed(t.p, 3))),
+            el("p", { class: "numbers" },
+              el("span", { title: "completeness gap" }, "gap " + exponent(t.g)), " ",
+              el("span", { title: "Pearson r of HiResCAM and Grad-CAM" }, "r " + fixed(t.r, 2)), " ",
+              el("span", { title: "top-20% IoU of HiResCAM and Grad-CAM" }, "IoU " + fixed(t.u, 2))),
+            maps));
+        }
+        if (!r.t.length) targets.append(el("p", { class: "none" }, r.z || "no class explained"));
+        return el("div", { class: "card-body" }, scan, targets);
+      },
+      viewer(r) {
+        const parts = [el("p", {}, r.d)];
+        for (const t of r.t) {
+          parts.push(el("h3", {}, `${t.l}: ${numbers(t)}`));
+          const row = el("div", { class: "viewer-row" });
+          t.m.forEach((cell, k) => {
+            if (!cell) return;
+            const shown = figure(cell[1], methods[k][1] + " for " + t.l + " on " + r.n, methods[k][1]);
+            shown.lastChild.append(...niftiLink(cell));
+            row.append(shown);
+          });
+          parts.push(row);
+        }
+        return parts;
+      },
+    },
     image: {
       body(r) {
         const original = r.o
@@ -304,7 +345,7 @@
 
   cards.addEventListener("click", (event) => {
     const card = event.target.closest("li.card");
-    if (!card || card.classList.contains("error")) return;
+    if (!card || card.classList.contains("error") || event.target.closest("a.nifti")) return; // a NIfTI link downloads
     if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return; // open in a new tab
     event.preventDefault();
     openViewer(Number(card.dataset.i));
