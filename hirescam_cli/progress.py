@@ -17,7 +17,7 @@ class Progress:
         self.total, self.done, self.errors = total, 0, 0
         self.quiet = quiet
         self.bar = (
-            tqdm(total=total, unit="img", file=sys.stderr) if not quiet and sys.stderr.isatty() else None
+            tqdm(total=total, unit="input", file=sys.stderr) if not quiet and sys.stderr.isatty() else None
         )
         self.start = self.last = time.monotonic()
 
@@ -35,7 +35,7 @@ class Progress:
             self.last = time.monotonic()
             rate = self.done / max(self.last - self.start, 1e-9)
             print(
-                f"hirescam: {self.done}/{self.total} images ({rate:.1f}/s, {self.errors} errors)",
+                f"hirescam: {self.done}/{self.total} inputs ({rate:.1f}/s, {self.errors} errors)",
                 file=sys.stderr,
                 flush=True,
             )

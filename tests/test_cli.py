@@ -342,7 +342,7 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     rgb(16, 16).save(tmp_path / "x.png")
     run(["explain", tmp_path / "x.png", "-o", tmp_path / "out", "-c", config(tmp_path)], capsys)
-    assert "1/1 images" in sys.stderr.getvalue()
+    assert "1/1 inputs" in sys.stderr.getvalue()
 
 
 def test_both_png_encoders_give_the_same_pixels(tmp_path, capsys):
