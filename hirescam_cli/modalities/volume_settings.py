@@ -10,14 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import ConfigError
+from ..config import _choice, _fail, _positive
 
 AXES = ("LR", "PA", "IS")  # nibabel's axis-code pairs: each axis is one letter of a pair, each pair once
 INTERPOLATIONS = ("trilinear", "nearest")
-
-
-def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
 
 
 def _number(value: Any) -> bool:
@@ -79,21 +75,6 @@ def _size(key: str, value: Any, _base: Path) -> tuple[int, int, int]:
     if not ok:
         raise _fail(key, value, "a positive integer, or three of them [i, j, k] for the voxel axes")
     return tuple(values)
-
-
-def _choice(*allowed: str):
-    def check(key: str, value: Any, _base: Path) -> str:
-        if value not in allowed:
-            raise _fail(key, value, f"one of {', '.join(allowed)}")
-        return value
-
-    return check
-
-
-def _positive(key: str, value: Any, _base: Path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(key, value, "a positive integer")
-    return value
 
 
 @dataclass(frozen=True)
