@@ -1,11 +1,11 @@
 """Prefix rows: after a token layer, modules whose outputs reach the scores only through the prefix
 tokens' rows (a ViT's class token) backpropagate over those rows alone.
 
-A ViT's head reads its class token, so from the last block's MLP on only the prefix rows of each later
-module's output can reach the logits; yet autograd runs every target's gradient back over all the rows
-(197 for a ViT-B/16 at 224: the MLP's backward alone is two thirds of a target's cost). Such a module
-keeps its output's values in the real forward, but its gradient flows through a recomputation over the
-prefix rows: the same gradient, exactly, at the cost of P rows.
+A ViT's head reads its class token, so in the last block only the class token's query, its attention
+output and its MLP row can reach the logits; yet autograd runs every target's gradient back over all the
+rows (197 for a ViT-B/16 at 224). Such a module keeps the values of its real forward, which records no
+graph, and its gradient flows through a recomputation over the prefix rows of its first argument (its
+other arguments whole: an attention's keys and values): the same gradient, exactly, at the cost of P rows.
 
 Which modules may be cut so is decided once per input shape, structurally, on a probe input. A module
 after the target layer (called once, its tensor arguments and its output holding the layer's token rows
@@ -13,9 +13,10 @@ on axis 1) qualifies when
   - NaN written into its output's other rows leaves the logits as they were: those rows cannot reach
     the scores (NaN passes through every arithmetic operation; proposed first by one backward of a NaN
     seed, which marks every row the scores can reach through the recorded graph);
-  - NaN written into its inputs' other rows leaves its prefix output rows finite: they depend on the
-    prefix input rows alone (an attention, which mixes rows, fails here);
-  - run on the prefix rows alone it gives the same values (it does not depend on the sequence length).
+  - NaN written into its first argument's other rows leaves its prefix output rows finite: they depend
+    on the prefix rows of that argument alone (an attention called on one tensor, which mixes its rows,
+    fails here; one called as attention(x, x, x) passes, its keys and values being other arguments);
+  - run on those prefix rows it gives the same values (it does not depend on the sequence length).
 Only modules with parameters are considered (cutting a dropout saves nothing), and only the outermost
 qualifying ones are cut (a block's MLP, not its linear layers one by one).
 """
@@ -46,38 +47,66 @@ class Rows:
         """Within the block, each listed module keeps its outputs' values and routes its gradient through
         a recomputation over the kept rows."""
         named = dict(model.named_modules())
-        handles = [
-            named[name].register_forward_hook(_Cut(self.keep), with_kwargs=True) for name in self.modules
-        ]
+        handles = []
+        for name in self.modules:
+            cut = _Cut(self.keep)
+            handles.append(named[name].register_forward_pre_hook(cut.before, with_kwargs=True))
+            handles.append(named[name].register_forward_hook(cut.after, with_kwargs=True))
+        grad_mode = torch.is_grad_enabled()
         try:
             yield
         finally:
+            torch.set_grad_enabled(grad_mode)  # a cut module that raised left its forward's mode behind
             for handle in handles:
                 handle.remove()
 
 
 class _Cut:
-    """The forward hook of a cut module: its values, with the gradient of a run over the kept rows."""
+    """The hooks of a cut module: its real forward records no graph; its output keeps those values, with
+    the gradient of a run over the kept rows."""
 
     def __init__(self, keep: int):
-        self.keep, self.busy = keep, False
+        self.keep, self.busy, self.grad_mode = keep, False, True
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
-        if self.busy:  # the recomputation below calls the module again
+    def before(self, _module: nn.Module, _args: tuple, _kwargs: dict) -> None:
+        if not self.busy:  # the recomputation in `after` calls the module again, with gradients
+            self.grad_mode = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        if self.busy:
             return None
+        torch.set_grad_enabled(self.grad_mode)
         self.busy = True
         try:
-            rows = int(output.shape[1])
-            short = module(*_narrow(args, rows, self.keep), **kwargs).to(output.dtype)
+            short = layers.first_tensor(module(*_shortened(module, args, self.keep), **kwargs))
         finally:
             self.busy = False
-        head = output[:, : self.keep].detach() + (short - short.detach())  # the values of output, exactly
-        return torch.cat((head, output[:, self.keep :].detach()), 1)
+        values = layers.first_tensor(output)
+        short = short.to(values.dtype)
+        head = values[:, : self.keep] + (short - short.detach())  # the values of output, exactly
+        return layers.with_first(output, torch.cat((head, values[:, self.keep :]), 1))
 
 
-def _narrow(args: tuple, rows: int, keep: int) -> tuple:
-    """The arguments with every tensor of `rows` rows cut to its first `keep` rows."""
-    return tuple(a[:, :keep] if _holds_rows(a, rows) else a for a in args)
+def _shortened(module: nn.Module, args: tuple, keep: int) -> tuple:
+    """The arguments with the first cut to its first `keep` rows and the others whole.
+
+    A batch-first nn.MultiheadAttention transposes its arguments to sequence-first; handed keys and
+    values stored sequence-first (the same values), its key-value projection runs as one matrix product
+    instead of one per row.
+    """
+    first, *rest = args
+    if isinstance(module, nn.MultiheadAttention) and module.batch_first:
+        stored: dict[int, Tensor] = {}  # one copy per tensor, so that `key is value` still holds
+        rest = [
+            stored.setdefault(id(a), a.transpose(0, 1).contiguous().transpose(0, 1)) if _is_3d(a) else a
+            for a in rest
+        ]
+    return (first[:, :keep], *rest)
+
+
+def _is_3d(value: object) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 3
 
 
 def _holds_rows(value: object, rows: int) -> bool:
@@ -94,7 +123,7 @@ class _Seen:
     calls: int = 0
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    output: object = None
+    output: Tensor | None = None  # the output's only tensor (None: several)
 
 
 class PrefixRows:
@@ -157,7 +186,8 @@ def _trace(model: nn.Module, probe: Tensor) -> tuple[dict[str, _Seen], Tensor]:
     def after(name: str):
         def hook(_module, args, kwargs, output) -> None:
             call = seen[name]
-            call.end, call.args, call.kwargs, call.output = next(clock), args, kwargs, output
+            call.end, call.args, call.kwargs = next(clock), args, kwargs
+            call.output = _only_tensor(output)
 
         return hook
 
@@ -175,17 +205,26 @@ def _trace(model: nn.Module, probe: Tensor) -> tuple[dict[str, _Seen], Tensor]:
     return seen, logits
 
 
+def _only_tensor(output: object) -> Tensor | None:
+    """The output's tensor when it is one, alone or in a tuple (an attention's (values, None)); None when
+    there are several (values and attention weights: a cut would detach the weights)."""
+    items = output if isinstance(output, tuple) else (output,)
+    tensors = [item for item in items if isinstance(item, Tensor)]
+    return tensors[0] if len(tensors) == 1 else None
+
+
 def _weighted(module: nn.Module) -> bool:
     """Whether a module holds parameters: cutting one without (a dropout, an identity) saves nothing."""
     return next(module.parameters(), None) is not None
 
 
 def _fits(call: _Seen, rows: int) -> bool:
-    """Whether a call takes tensors holding the token rows, no other tensors, and returns such a tensor."""
-    tensors = [a for a in (*call.args, *call.kwargs.values()) if isinstance(a, Tensor)]
+    """Whether a call takes tensors holding the token rows, the first of them its first argument, no other
+    tensors, and returns such a tensor (alone or as a tuple's only tensor)."""
     return (
         _holds_rows(call.output, rows)
-        and bool(tensors)
+        and bool(call.args)
+        and _holds_rows(call.args[0], rows)
         and all(_holds_rows(a, rows) for a in call.args if isinstance(a, Tensor))
         and not any(isinstance(v, Tensor) for v in call.kwargs.values())
     )
@@ -208,24 +247,21 @@ def _unreached(candidates: dict[str, _Seen], logits: object, keep: int) -> dict[
 
 
 def _prefix_alone(module: nn.Module, call: _Seen, rows: int, keep: int) -> bool:
-    """Whether the module's first `keep` output rows come from its inputs' first `keep` rows alone, with
-    the same values when it runs on those rows only."""
-
-    def poisoned(a: object) -> object:
-        if not _holds_rows(a, rows):
-            return a
-        a = a.detach().clone()
-        a[:, keep:] = math.nan
-        return a
-
-    args = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in call.args)
+    """Whether the module's first `keep` output rows come from its first argument's first `keep` rows
+    (and its other arguments), with the same values when it runs on those rows only."""
+    copies: dict[int, Tensor] = {}  # one copy per tensor, so that arguments that were one tensor still are
+    args = tuple(
+        copies.setdefault(id(a), a.detach().clone()) if isinstance(a, Tensor) else a for a in call.args
+    )
+    poisoned = args[0].clone()
+    poisoned[:, keep:] = math.nan
     expected = call.output.detach()[:, :keep]
     try:
-        from_nan = module(*map(poisoned, args), **call.kwargs)
-        short = module(*_narrow(args, rows, keep), **call.kwargs)
+        from_nan = layers.first_tensor(module(poisoned, *args[1:], **call.kwargs))
+        short = layers.first_tensor(module(*_shortened(module, args, keep), **call.kwargs))
     except Exception:  # the module does not run on fewer rows: it is not cut
         return False
-    if not (isinstance(from_nan, Tensor) and isinstance(short, Tensor) and short.shape == expected.shape):
+    if from_nan is None or short is None or short.shape != expected.shape:
         return False
     if not bool(from_nan[:, :keep].isfinite().all()):
         return False
@@ -238,10 +274,10 @@ def _logits_unchanged(model: nn.Module, probe: Tensor, names: tuple[str, ...], k
     are: one forward of the probe and a poisoned copy."""
     named = dict(model.named_modules())
 
-    def poison(_module, _args, output: Tensor) -> Tensor:
-        output = output.clone()
-        output[1:, keep:] = math.nan
-        return output
+    def poison(_module, _args, output: object) -> object:
+        tensor = layers.first_tensor(output).clone()
+        tensor[1:, keep:] = math.nan
+        return layers.with_first(output, tensor)
 
     handles = [named[name].register_forward_hook(poison) for name in names]
     try:
