@@ -163,10 +163,10 @@ def overlay(
         values = values.add_(1).div_(2)
     index = values.clamp_(0, 1).mul_(255).round_().to(torch.int32)
     index.masked_fill_(~inside[:, None], len(table))  # the grey entry appended below
-    grey = torch.full((1, 3), UNEXPLAINED, dtype=table.dtype, device=table.device)
-    heat = torch.cat([table, grey])[index].to(torch.int16)
-    del index
     steps = 1 << ALPHA_BITS
     weight = round(alpha * steps)
+    grey = torch.full((1, 3), UNEXPLAINED, dtype=table.dtype, device=table.device)
+    heat = torch.cat([table, grey]).to(torch.int16).mul_(weight)  # the palette, weighted once
     base = images.permute(0, 2, 3, 1).to(torch.int16).mul_(steps - weight).add_(steps // 2)[:, None]
-    return heat.mul_(weight).add_(base).bitwise_right_shift_(ALPHA_BITS).to(torch.uint8)
+    blended = heat.index_select(0, index.flatten()).view(*index.shape, 3).add_(base)  # a row per pixel
+    return blended.bitwise_right_shift_(ALPHA_BITS).to(torch.uint8)

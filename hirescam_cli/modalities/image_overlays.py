@@ -36,10 +36,11 @@ class Renderer:
         is dropped from the batch's views once its overlays are drawn, so a batch of huge photos is not held
         whole."""
         targets = result.classes.shape[1]
-        values = {}
+        normalised = []
         for name in self.methods:
             signed = self.signed and name == "hirescam"
-            values[name] = (render.normalize_signed if signed else render.normalize)(result.maps[name])
+            normalised.append((render.normalize_signed if signed else render.normalize)(result.maps[name]))
+        maps = torch.cat(normalised, 1)  # (B, methods x T, h, w): channel c is target c % T of method c // T
         views = batch.views
         sizes = [tuple(image.shape[1:]) for image in views.pictures]
         scale = [(w / W, h / H) for (h, w), (H, W) in zip(sizes, views.sizes, strict=True)]
@@ -56,29 +57,30 @@ class Renderer:
                 images, drawn_on = render.pad_images(own, self.device), rows
             size = (len(rows), len(channels), *images.shape[2:], 3)
             canvas = torch.empty(size, dtype=torch.uint8, device=self.device)
-            for method in range(channels.start // targets, (channels.stop - 1) // targets + 1):
-                low = max(channels.start, method * targets)  # this method's channels in the part
-                high = min(channels.stop, (method + 1) * targets)
-                span = range(low - method * targets, high - method * targets)
-                into = canvas[:, low - channels.start : high - channels.start]
-                name = self.methods[method]
-                self._draw(name, values[name], rows, span, boxes, images, into)
+            self._draw(maps, targets, rows, channels, boxes, images, canvas)
             yield self.handover.part(rows, channels, targets, canvas, sizes[rows.start : rows.stop])
 
-    def _draw(self, method, values, rows, span, boxes, images, canvas) -> None:
-        """Draw targets `span` of `method` (its normalised maps `values`, (B, T, h, w)) for images `rows`
-        into canvas (n, len(span), H, W, 3), in bands of rows."""
-        signed = self.signed and method == "hirescam"
-        table = self.signed_table if signed else self.table
-        maps, boxes = values[rows.start : rows.stop, span.start : span.stop], boxes[rows.start : rows.stop]
+    def _draw(self, maps, targets, rows, channels, boxes, images, canvas) -> None:
+        """Draw `channels` of the normalised maps (B, methods x targets, h, w) for images `rows` into canvas
+        (n, len(channels), H, W, 3), in bands of rows: each band's pixels are registered once for all the
+        channels, then coloured method by method."""
+        maps = maps[rows.start : rows.stop, channels.start : channels.stop]
+        boxes = boxes[rows.start : rows.stop]
+        spans = []  # (method, its channels' slice of the part)
+        for method in range(channels.start // targets, (channels.stop - 1) // targets + 1):
+            low, high = max(channels.start, method * targets), min(channels.stop, (method + 1) * targets)
+            spans.append((self.methods[method], slice(low - channels.start, high - channels.start)))
         height, width = images.shape[2:]
-        band = max(1, RENDER_PIXELS // (len(rows) * len(span) * width))
+        band = max(1, RENDER_PIXELS // (len(rows) * len(channels) * width))
         for top in range(0, height, band):
             lines = range(top, min(height, top + band))
             resampled, inside = register(maps, boxes, lines, width)
             under = images[:, :, lines.start : lines.stop]
-            drawn = render.overlay(resampled, under, inside, table, self.alpha, signed)
-            canvas[:, :, lines.start : lines.stop] = drawn
+            for name, span in spans:
+                signed = self.signed and name == "hirescam"
+                table = self.signed_table if signed else self.table
+                drawn = render.overlay(resampled[:, span], under, inside, table, self.alpha, signed)
+                canvas[:, span, lines.start : lines.stop] = drawn
 
 
 def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> tuple[Tensor, Tensor]:
