@@ -156,9 +156,11 @@ class ExplainRun:
             # Every input keeps its slot in a full-size batch (skipped and failed ones leave theirs
             # empty), so a resumed run computes each input with exactly the arithmetic of a whole run.
             device = self.session.device
-            slots = torch.tensor([i % self.batch_size for i in batch.indices], device=device)
-            x = torch.zeros((self.batch_size, *batch.inputs.shape[1:]), device=device)
-            x[slots] = batch.inputs.to(device, non_blocking=True)
+            own = [i % self.batch_size for i in batch.indices]
+            slots = torch.tensor(own, device=device)
+            x = batch.inputs.to(device, non_blocking=True)
+            if own != list(range(self.batch_size)):  # not a whole batch: the others' slots stay zero
+                x = torch.zeros((self.batch_size, *x.shape[1:]), device=device).index_copy_(0, slots, x)
             result = self.session.explain(x).select(slots)
             self.guarantee = result.guarantee
             self._note_identical(x[slots[:1]], result)
