@@ -55,7 +55,8 @@ def default_workers(device: torch.device, cores: int) -> int:
 def default_writers(device: torch.device, cores: int) -> int:
     """Output writer processes: on a GPU the loop that feeds it must keep Python's GIL to itself
     (writer threads beside it slowed every kernel launch tenfold on an H100), so a third of the
-    cores encode PNGs in processes; on a CPU device threads suffice (fpng releases the GIL)."""
+    cores encode PNGs in processes; on a CPU device threads: fpng holds the GIL while it encodes (about
+    1 ms for 640 x 480), yet one writer process measured no faster on 2 cores (benchmarks/pipeline.py)."""
     return 0 if device.type == "cpu" else max(1, cores // 3)
 
 
