@@ -193,6 +193,28 @@
   }
   // a map cell's NIfTI link (volumes), after a space; nothing where the cell has none
   const niftiLink = (cell) => (cell[2] ? [" ", el("a", { class: "nifti", href: cell[2] }, "NIfTI")] : []);
+  // The targets of a card, whatever its kind (templates/cards/_targets.html.j2): per class its numbers and
+  // a thumbnail per method, a map's NIfTI file linked where its cell has one.
+  function targetsOf(r) {
+    const targets = el("div", { class: "targets" });
+    for (const t of r.t) {
+      const maps = el("div", { class: "maps" });
+      t.m.forEach((cell, k) => {
+        if (!cell) return;
+        const name = methods[k][1];
+        maps.append(el("figure", {}, el("a", { href: cell[1] }, thumb(cell[0], name + " for " + t.l + " on " + r.n)), el("figcaption", {}, name, ...niftiLink(cell))));
+      });
+      targets.append(el("section", { class: "target" },
+        el("h3", {}, el("span", { class: "label" }, t.l), " ", el("span", { class: "prob", title: "probability" }, "p " + fixed(t.p, 3))),
+        el("p", { class: "numbers" },
+          el("span", { title: "completeness gap" }, "gap " + exponent(t.g)), " ",
+          el("span", { title: "Pearson r of HiResCAM and Grad-CAM" }, "r " + fixed(t.r, 2)), " ",
+          el("span", { title: "top-20% IoU of HiResCAM and Grad-CAM" }, "IoU " + fixed(t.u, 2))),
+        maps));
+    }
+    if (!r.t.length) targets.append(el("p", { class: "none" }, r.z || "no class explained"));
+    return targets;
+  }
   const numbers = (t) => `p ${fixed(t.p, 3)}, gap ${exponent(t.g)}, r ${fixed(t.r, 2)}, IoU ${fixed(t.u, 2)}`;
 
   // Per kind of card (cards.py's CARD_KINDS, in its order): its body in the grid, and what the full-size
@@ -201,24 +223,7 @@
     volume: {
       body(r) {
         const scan = el("figure", { class: "original" }, el("span", { class: "missing scan" }, r.d), el("figcaption", {}, "scan"));
-        const targets = el("div", { class: "targets" });
-        for (const t of r.t) {
-          const maps = el("div", { class: "maps" });
-          t.m.forEach((cell, k) => {
-            if (!cell) return;
-            const name = methods[k][1];
-            maps.append(el("figure", {}, el("a", { href: cell[1] }, thumb(cell[0], name + " for " + t.l + " on " + r.n)), el("figcaption", {}, name, ...niftiLink(cell))));
-          });
-          targets.append(el("section", { class: "target" },
-            el("h3", {}, el("span", { class: "label" }, t.l), " ", el("span", { class: "prob", title: "probability" }, "p " + fixed(t.p, 3))),
-            el("p", { class: "numbers" },
-              el("span", { title: "completeness gap" }, "gap " + exponent(t.g)), " ",
-              el("span", { title: "Pearson r of HiResCAM and Grad-CAM" }, "r " + fixed(t.r, 2)), " ",
-              el("span", { title: "top-20% IoU of HiResCAM and Grad-CAM" }, "IoU " + fixed(t.u, 2))),
-            maps));
-        }
-        if (!r.t.length) targets.append(el("p", { class: "none" }, r.z || "no class explained"));
-        return el("div", { class: "card-body" }, scan, targets);
+        return el("div", { class: "card-body" }, scan, targetsOf(r));
       },
       viewer(r) {
         const parts = [el("p", {}, r.d)];
@@ -241,24 +246,7 @@
         const original = r.o
           ? el("a", { href: "thumbs/" + r.v }, el("img", { src: "thumbs/" + r.o, alt: "Original image " + r.n, loading: "lazy", decoding: "async" }))
           : el("span", { class: "missing" }, "original not available");
-        const targets = el("div", { class: "targets" });
-        for (const t of r.t) {
-          const maps = el("div", { class: "maps" });
-          t.m.forEach((cell, k) => {
-            if (!cell) return;
-            const name = methods[k][1];
-            maps.append(el("figure", {}, el("a", { href: cell[1] }, thumb(cell[0], name + " for " + t.l + " on " + r.n)), el("figcaption", {}, name)));
-          });
-          targets.append(el("section", { class: "target" },
-            el("h3", {}, el("span", { class: "label" }, t.l), " ", el("span", { class: "prob", title: "probability" }, "p " + fixed(t.p, 3))),
-            el("p", { class: "numbers" },
-              el("span", { title: "completeness gap" }, "gap " + exponent(t.g)), " ",
-              el("span", { title: "Pearson r of HiResCAM and Grad-CAM" }, "r " + fixed(t.r, 2)), " ",
-              el("span", { title: "top-20% IoU of HiResCAM and Grad-CAM" }, "IoU " + fixed(t.u, 2))),
-            maps));
-        }
-        if (!r.t.length) targets.append(el("p", { class: "none" }, r.z || "no class explained"));
-        return el("div", { class: "card-body" }, el("figure", { class: "original" }, original, el("figcaption", {}, "original")), targets);
+        return el("div", { class: "card-body" }, el("figure", { class: "original" }, original, el("figcaption", {}, "original")), targetsOf(r));
       },
       viewer(r) {
         const parts = [];
