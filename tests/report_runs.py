@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from hirescam_cli.cli import main
 from hirescam_cli.demo.samples import write_samples
+from hirescam_cli.report import chunks, write_report
 from hirescam_cli.report.chunks import STATUSES, read_cards
 
 MALICIOUS = "<img src=x onerror=alert(1)>.png"
@@ -96,3 +98,11 @@ def report_data(out: Path) -> dict:
     assert len(records) == len(data["rows"]) == len(data["status"])
     data["images"] = [{**r, "i": i, "s": STATUSES[data["status"][i]]} for i, r in enumerate(records)]
     return data
+
+
+def reported_in_small_chunks(out: Path) -> Path:
+    """OUT reported once in chunks of about 8 inputs (CHUNK_MEAN patched), so that a page spans several."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunks, "CHUNK_MEAN", 8)
+        write_report(out)
+    return out

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from PIL import Image
-from report_runs import MALICIOUS, cli, many_inputs, report_data, shared_run
+from report_runs import MALICIOUS, cli, many_inputs, report_data, reported_in_small_chunks, shared_run
 
 from hirescam_cli.report import (
     ReportError,
@@ -419,11 +419,7 @@ def test_a_run_with_no_inputs_has_a_page_saying_so(tmp_path):
 @pytest.fixture(scope="module")
 def many_base(run_out, tmp_path_factory) -> Path:
     """130 inputs of unique keys in chunks of about 8 (CHUNK_MEAN patched), reported once."""
-    out = many_inputs(run_out, tmp_path_factory.mktemp("many") / "out", 130)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(chunks, "CHUNK_MEAN", 8)
-        write_report(out)
-    return out
+    return reported_in_small_chunks(many_inputs(run_out, tmp_path_factory.mktemp("many") / "out", 130))
 
 
 @pytest.fixture
