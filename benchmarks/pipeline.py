@@ -44,9 +44,10 @@ def make_images(folder: Path, count: int) -> None:
 
 def inference_only(config, inputs: list[str]) -> float:
     """Seconds for the same loader (same workers, threads, batch size) feeding a plain inference forward,
-    building the model included (as the full run's seconds include it)."""
+    building the model included (as the full run's seconds include it). It opens the run's session: the
+    same device, resources, heap settings and model."""
     start = time.perf_counter()
-    session = Session.open(config, explainer=False, pictures=False)  # the run's device, resources, model
+    session = Session.open(config, explainer=False, pictures=False)
     device, chosen, model = session.device, session.resources, session.loaded.module
     dataset = InputDataset(discover(inputs), session.modality)
     loader = make_loader(dataset, chosen.batch_size, chosen.workers, pin_memory=device.type == "cuda")

@@ -18,7 +18,7 @@ from .distributed import Job
 from .engine import Explainer, Explanation
 from .engine.layouts import layout_spec
 from .modalities import open_modality
-from .resources import Resources
+from .resources import Resources, keep_freed_heap
 from .resources import choose as choose_resources
 from .sources import load_model
 from .sources.common import LoadedModel
@@ -125,6 +125,7 @@ class Session:
         explain = config.explain
         resources = choose_resources(device, explain.workers, explain.batch_size, job.local_world)
         torch.set_num_threads(resources.threads)
+        keep_freed_heap()
         loaded = load_model(config.model, load_weights)
         modality = open_modality(config, loaded.transforms, pictures).for_device(device)
         classes = class_ids(explain.classes, loaded.labels)
@@ -188,7 +189,11 @@ class Session:
                 "torch": torch.__version__,
                 "torchvision": torchvision.__version__,
             },
-            "resources": {**self.resources.to_dict(), "processes": self.job.world},
+            "resources": {
+                **self.resources.to_dict(),
+                "processes": self.job.world,
+                "heap_kept": keep_freed_heap(),  # bytes, or None: glibc's defaults
+            },
         }
 
     def close(self) -> None:

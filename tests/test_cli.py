@@ -128,6 +128,7 @@ def test_explain_mixed_folder_with_bad_files(tmp_path, capsys):
     assert not list(out.rglob("*.tmp*")) and not (out / ".tmp").exists()
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["counts"]["ok"] == len(sizes) and run_info["counts"]["error"] == 3
+    assert run_info["resources"]["heap_kept"] == resources.keep_freed_heap()  # bytes, None: not tuned
     assert "3 failed" in err
 
 

@@ -333,6 +333,43 @@ def test_defaults_follow_the_usable_cores_and_the_device(monkeypatch):
     assert resources.choose(cuda, None, None, processes_on_node=8) == resources.Resources(2, 1, 1, 1, 32)
 
 
+HEAP_PROBE = """
+import ctypes, sys, numpy
+from hirescam_cli import resources
+class Info(ctypes.Structure):  # glibc's struct mallinfo2, in bytes
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena ordblks smblks hblks mapped usmblks fsmblks uordblks fordblks keepcost".split())]
+info = ctypes.CDLL(None).mallinfo2
+info.restype = Info
+if sys.argv[1] == "tuned":
+    print(resources.keep_freed_heap())
+before = info()
+blocks = [numpy.ones(16 * 2**20, numpy.uint8) for _ in range(8)]  # 128 MiB, in blocks of 16 MiB
+mapped = info().mapped - before.mapped
+del blocks
+kept = info().arena - before.arena
+print(mapped >= 2**27, kept >= 2**27)  # mapped each on its own; or in the heap, and kept there once freed
+"""
+
+
+@pytest.mark.skipif(not resources.uses_glibc(), reason="the heap's limits are glibc's")
+def test_the_heap_keeps_freed_memory_for_the_next_batch_unless_the_user_set_its_limits(monkeypatch):
+    def probe(mode: str) -> list[str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
+        done = subprocess.run(
+            [sys.executable, "-c", HEAP_PROBE, mode], env=environment, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert probe("default") == ["True", "False"]  # glibc's defaults: mapped afresh, handed back when freed
+    assert probe("tuned") == [str(resources.HEAP_KEPT), "False", "True"]  # in the heap, and kept there
+    for name, value in [("MALLOC_MMAP_THRESHOLD_", "131072"), ("GLIBC_TUNABLES", "glibc.malloc.mxfast=0")]:
+        with monkeypatch.context() as patch:  # the user's own limits stay (decided before any change)
+            patch.setenv(name, value)
+            assert resources.keep_freed_heap.__wrapped__() is None
+
+
 def test_png_falls_back_to_zlib_without_fpng(tmp_path, capsys, monkeypatch):
     pixels = np.random.default_rng(0).integers(0, 255, (9, 7, 3), dtype=np.uint8)
     monkeypatch.setattr(formats, "fpng", None)
