@@ -87,9 +87,12 @@ def test_an_earlier_block_is_not_cut_where_its_rows_feed_a_later_attention():
         "encoder.layers.encoder_layer_1.mlp",
         "encoder.ln",
     )
-    expected = by_hand(tiny_vit(), layer, x, result.layout)
-    scale = 1 + expected["hirescam"].abs().max()
-    assert (result.maps["hirescam"][:, 0] - expected["hirescam"]).abs().max() <= 1e-6 * scale
+    # against the float64 truth: two blocks' backward in float32, the cut attention through its own kernels,
+    # lands 1.2e-6 to 1.7e-6 of the magnitude off it on some CPUs (plain autograd: 5e-7), by thread count
+    expected = by_hand(tiny_vit().double(), layer, x.double(), result.layout)
+    for name in ("hirescam", "gradcam"):
+        scale = 1 + expected[name].abs().max()
+        assert (result.maps[name][:, 0].double() - expected[name]).abs().max() <= 1e-5 * scale, name
 
 
 class Tokens(nn.Module):
