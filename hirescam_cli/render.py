@@ -107,7 +107,7 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 UNEXPLAINED = 128  # grey laid over the parts of the image the model never saw (cut by a crop)
-ALPHA_BITS = 7  # alpha is applied in 1/128 steps, in int16 arithmetic (255 * 128 fits)
+ALPHA_BITS = 7  # alpha is applied in 1/128 steps
 
 
 def colormap_table(name: str, device: torch.device | str = "cpu") -> Tensor:
@@ -116,16 +116,48 @@ def colormap_table(name: str, device: torch.device | str = "cpu") -> Tensor:
     return torch.as_tensor(table * 255, dtype=torch.float32).round().to(torch.uint8).to(device)
 
 
+def palette_positions(values: Tensor, signed: bool, table: int = 0) -> Tensor:
+    """Values in [0, 1], or in [-1, 1] when `signed` (zero at the colormap's centre), as float positions on
+    the overlay's palette (see `overlay`), on its colormap number `table`: the integer part is 1 + 256 x
+    table + the colormap's entry (rounded), 0 being the grey of what the model never saw. Affine in the
+    values, so it commutes with bilinear registration: positions are computed on the map's grid, then
+    registered, and come out 0 wherever nothing is registered. NaN -> the colormap's first entry."""
+    values = values.nan_to_num(0.0)
+    if signed:
+        values = (values + 1) / 2
+    return values.clamp(0, 1) * 255 + (1.5 + 256 * table)
+
+
+def overlay(positions: Tensor, images: Tensor, tables: Tensor, alpha: float) -> Tensor:
+    """Blend the colours at palette positions (N, C, H, W) (see `palette_positions`) over images
+    (N, 3, H, W) uint8 -> (N, C, H, W, 3) uint8; the palette: the grey, then the colormaps `tables`
+    (K, 256, 3) uint8.
+
+    A pixel is the image's share (1 - alpha), rounded down, plus the colour's share (alpha), rounded to
+    nearest: never above 255, so both are added as bytes, and the palette is read once a pixel. Within one
+    step of the blend rounded once.
+    """
+    steps = 1 << ALPHA_BITS
+    weight = round(alpha * steps)
+    grey = torch.full((1, 3), UNEXPLAINED, dtype=tables.dtype, device=tables.device)
+    palette = torch.cat([grey, tables.flatten(0, 1)]).to(torch.int16).mul_(weight).add_(steps // 2)
+    kept = images.permute(0, 2, 3, 1).to(torch.int16).mul_(steps - weight).bitwise_right_shift_(ALPHA_BITS)
+    index = positions.to(torch.int32).flatten()  # truncation: positions are never negative
+    blended = (palette >> ALPHA_BITS).to(torch.uint8).index_select(0, index).view(*positions.shape, 3)
+    return blended.add_(kept.to(torch.uint8).contiguous()[:, None])  # no copy when channels last
+
+
 def pad_images(images: list[Tensor], device: torch.device | str) -> Tensor:
-    """Pictures (3, H_i, W_i) uint8 into one zero-padded (N, 3, H_max, W_max) uint8 batch on `device`."""
+    """Pictures (3, H_i, W_i) uint8 into one zero-padded (N, 3, H_max, W_max) uint8 batch on `device`, laid
+    out channels last (as the overlays are blended)."""
     if len(images) == 1:
         return images[0].to(device, non_blocking=True)[None]  # no copy on the CPU
     height = max(image.shape[1] for image in images)
     width = max(image.shape[2] for image in images)
-    batch = torch.zeros((len(images), 3, height, width), dtype=torch.uint8, device=device)
+    batch = torch.zeros((len(images), height, width, 3), dtype=torch.uint8, device=device)
     for i, image in enumerate(images):
-        batch[i, :, : image.shape[1], : image.shape[2]] = image.to(device, non_blocking=True)
-    return batch
+        batch[i, : image.shape[1], : image.shape[2]] = image.to(device, non_blocking=True).permute(1, 2, 0)
+    return batch.permute(0, 3, 1, 2)
 
 
 def plan_parts(sizes: Sequence[tuple[int, int]], channels: int, budget: int) -> list[tuple[range, range]]:
@@ -149,24 +181,3 @@ def plan_parts(sizes: Sequence[tuple[int, int]], channels: int, budget: int) -> 
     if start < len(sizes):
         parts.append((range(start, len(sizes)), range(channels)))
     return parts
-
-
-def overlay(
-    values: Tensor, images: Tensor, inside: Tensor, table: Tensor, alpha: float, signed: bool
-) -> Tensor:
-    """Blend colour-mapped values (N, C, H, W) over images (N, 3, H, W) uint8 -> (N, C, H, W, 3) uint8.
-
-    Values lie in [0, 1], or in [-1, 1] when `signed` (zero at the colormap's centre); they are scaled in
-    place. Pixels outside `inside` (N, H, W) get grey instead of a colour.
-    """
-    if signed:
-        values = values.add_(1).div_(2)
-    index = values.clamp_(0, 1).mul_(255).round_().to(torch.int32)
-    index.masked_fill_(~inside[:, None], len(table))  # the grey entry appended below
-    steps = 1 << ALPHA_BITS
-    weight = round(alpha * steps)
-    grey = torch.full((1, 3), UNEXPLAINED, dtype=table.dtype, device=table.device)
-    heat = torch.cat([table, grey]).to(torch.int16).mul_(weight)  # the palette, weighted once
-    base = images.permute(0, 2, 3, 1).to(torch.int16).mul_(steps - weight).add_(steps // 2)[:, None]
-    blended = heat.index_select(0, index.flatten()).view(*index.shape, 3).add_(base)  # a row per pixel
-    return blended.bitwise_right_shift_(ALPHA_BITS).to(torch.uint8)

@@ -195,7 +195,8 @@ def test_decode_never_gives_a_read_only_array():
     """torch.from_numpy warns on (and cannot safely share) a read-only array."""
     for width, height in ((1, 1), (3, 2)):
         array = decode(encoded(rgb(width, height), "PNG"), None)
-        assert array.flags.writeable and array.flags.c_contiguous and array.shape == (3, height, width)
+        assert array.flags.writeable and array.shape == (3, height, width)
+        assert array.transpose(1, 2, 0).flags.c_contiguous  # a view of (H, W, 3) memory
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_overlays_of_a_large_image_are_scaled_and_peaks_stay_in_original_pixels(
     assert (pixels[:, :17] == grey).all() and (pixels[:, 83:] == grey).all()
     assert (pixels[:, 17:83] != grey).any(axis=-1).all()
     # HiResCAM is 1 from the box's corner to the centre of the top-left cell, (125, 25) -> (20.8, 4.2)
-    hottest = (200 * 64 + render.colormap_table("jet")[255].int() * 64 + 64) >> 7
+    hottest = (200 * 64 >> 7) + ((render.colormap_table("jet")[255].int() * 64 + 64) >> 7)
     assert (pixels[:4, 17:21] == hottest.numpy()).all() and (pixels[5:, 22:] != hottest.numpy()).any(-1).all()
     # max_side is part of the fingerprint: a rerun with another one redoes the image
     assert run([*args, "-o", tmp_path / "out", "--max-side", "100"], capsys)[0] == 0

@@ -22,7 +22,7 @@ from hirescam_cli.compare import agreement, sides
 from hirescam_cli.compare.agreement import pearson, top_region_iou
 from hirescam_cli.compare.markdown import code
 from hirescam_cli.modalities import geometry
-from hirescam_cli.modalities.image_overlays import register
+from hirescam_cli.modalities.image_overlays import covered, register
 from hirescam_cli.summary import GRID_POSITIONS, SCHEMA
 
 TESTS = Path(__file__).parent
@@ -47,10 +47,8 @@ def on_pixels(summary: dict, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     """A raw map as its overlay shows it: normalised on its grid, registered onto the original's pixels
     through the crop box (the renderer's own code); and which pixels the box covers."""
     maps = render.normalize(torch.as_tensor(raw, dtype=torch.float32)[None, None])
-    values, inside = register(
-        maps, torch.tensor([summary["box"]]), range(summary["height"]), summary["width"]
-    )
-    return values[0, 0], inside[0]
+    box, rows = torch.tensor([summary["box"]]), range(summary["height"])
+    return register(maps, box, rows, summary["width"])[0, 0], covered(box, rows, summary["width"])[0]
 
 
 def pixel_pearson(bs: dict, b_raw: np.ndarray, ns: dict, n_raw: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from hirescam_cli.batches import Batch, InputDataset, Sample, make_loader
 from hirescam_cli.discovery import InputError, InputItem, discover
 from hirescam_cli.modalities import image_files
 from hirescam_cli.modalities.image_files import ImageError
-from hirescam_cli.modalities.image_overlays import register
+from hirescam_cli.modalities.image_overlays import covered, register
 from hirescam_cli.modalities.images import Images, PictureView, Preprocess, overlay_image, overlay_size
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: model input = pixel / 255
@@ -77,8 +77,18 @@ def pixels(tensor: torch.Tensor) -> np.ndarray:
 
 
 def test_folder_is_walked_recursively_keeping_image_extensions(tmp_path):
-    for name in ["b.jpg", "a.PNG", "sub/c.Jpeg", "sub/deep/d.webp", "notes.txt", "model.h5",
-                 "doc.pdf", "sub/.hidden.jpg", ".cache/e.jpg", "noext"]:
+    for name in [
+        "b.jpg",
+        "a.PNG",
+        "sub/c.Jpeg",
+        "sub/deep/d.webp",
+        "notes.txt",
+        "model.h5",
+        "doc.pdf",
+        "sub/.hidden.jpg",
+        ".cache/e.jpg",
+        "noext",
+    ]:
         write(tmp_path / name)
     items = discover([tmp_path])
     assert keys(items) == ["a.PNG", "b.jpg", "sub/c.Jpeg", "sub/deep/d.webp"]
@@ -155,8 +165,13 @@ def test_keys_made_equal_by_sanitising_or_case_get_suffixes(tmp_path):
     }
 
 
-@given(st.lists(st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\0" not in b),
-                unique=True, max_size=8))
+@given(
+    st.lists(
+        st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\0" not in b),
+        unique=True,
+        max_size=8,
+    )
+)
 def test_unique_keys_are_distinct_printable_and_keep_clean_names(names):
     relative = [os.fsdecode(name) for name in names if name not in (b".", b"..")]
     safe = discovery._unique_keys(relative)
@@ -247,7 +262,8 @@ def test_inputs_that_yield_nothing_raise_input_error(tmp_path, monkeypatch, argu
 def test_rgb_round_trip_is_exact():
     image = noise(7, 5)
     decoded = decode(encode(image, "PNG"), None)
-    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 5, 7) and decoded.is_contiguous()
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 5, 7)
+    assert decoded.permute(1, 2, 0).is_contiguous()  # channels last, as Pillow decodes
     assert (pixels(decoded) == np.asarray(image)).all()
 
 
@@ -365,6 +381,7 @@ def test_pixel_limit_is_checked_on_the_header_before_decoding():
     with pytest.raises(ImageError, match=message):
         decode(encode(noise(200, 100), "PNG"), 19999)
     assert decode(encode(noise(200, 100), "PNG"), 20000).shape == (3, 100, 200)
+
     # a header claiming 100000 x 100000 with a few bytes of data behind it: refused, nothing decoded
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -475,7 +492,8 @@ def test_maps_reach_the_originals_as_the_overlays_and_peaks_do():
     for i, row in enumerate([0, 0, 1, 1]):
         height, width = views.sizes[row]
         one = maps.flatten(0, 1)[i : i + 1, None]
-        expected, inside = register(one, views.boxes[row : row + 1], range(height), width)
+        box = views.boxes[row : row + 1]
+        expected, inside = register(one, box, range(height), width), covered(box, range(height), width)
         own = registered[i, :height, :width]
         assert torch.equal(own.isnan(), ~inside[0])
         assert torch.equal(own[inside[0]], expected[0, 0][inside[0]])
@@ -627,8 +645,13 @@ def test_skip_is_asked_after_hashing_and_skips_decoding(tmp_path, monkeypatch):
 def test_collate_separates_good_skipped_and_failed():
     view = PictureView((12, 14), (0.0, 1.0, 7.0, 5.5), torch.zeros(3, 6, 7, dtype=torch.uint8))
     good = [Sample(i, f"sha{i}", torch.full((3, 4, 5), float(i)), view) for i in (0, 3)]
-    samples = [good[0], Sample(1, "sha1", skipped=True), Sample(2, error="empty file"), good[1],
-               Sample(4, "sha4", error="not an image (cannot identify format)")]
+    samples = [
+        good[0],
+        Sample(1, "sha1", skipped=True),
+        Sample(2, error="empty file"),
+        good[1],
+        Sample(4, "sha4", error="not an image (cannot identify format)"),
+    ]
     batch = collate(samples)
     assert batch.indices == [0, 3] and batch.sha256 == ["sha0", "sha3"]
     assert batch.inputs.shape == (2, 3, 4, 5) and batch.inputs[1].eq(3).all()
@@ -651,8 +674,19 @@ def test_collate_refuses_mixed_input_sizes():
 
 def flatten(loaded: list[Batch]) -> list:
     """Everything a run consumes from a loader, in order, for comparison."""
-    return [(b.indices, b.inputs.tolist(), [i.tolist() for i in b.views.pictures], b.views.boxes.tolist(),
-             b.views.sizes, b.sha256, b.skipped, b.failed) for b in loaded]
+    return [
+        (
+            b.indices,
+            b.inputs.tolist(),
+            [i.tolist() for i in b.views.pictures],
+            b.views.boxes.tolist(),
+            b.views.sizes,
+            b.sha256,
+            b.skipped,
+            b.failed,
+        )
+        for b in loaded
+    ]
 
 
 def skip_f_good(item: InputItem, sha256: str) -> bool:

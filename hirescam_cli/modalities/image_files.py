@@ -146,7 +146,8 @@ ORIENTATION = 0x0112  # the EXIF tag
 
 
 def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | None = None) -> np.ndarray:
-    """Decode image bytes to an upright (EXIF orientation applied) uint8 RGB (3, H, W) array or ImageError.
+    """Decode image bytes to an upright (EXIF orientation applied) uint8 RGB (3, H, W) array or ImageError:
+    a view of (H, W, 3) memory, as Pillow decodes it and the overlays are blended (no transposing copy).
 
     Takes the first frame of animations; converts every mode to RGB (see ``rgb_array``). ``max_pixels``
     (None: no limit) is checked on the header size before any pixel is decoded, and so is the size the
@@ -160,8 +161,8 @@ def decode(data: bytes, max_pixels: int | None, resize: int | tuple[int, int] | 
         rgb = rgb_array(image)
     except Exception as error:  # e.g. a mode with no RGB conversion
         raise ImageError(f"cannot convert {image.mode} image to RGB: {_one_line(error)}") from None
-    image.close()  # frees the decoded pixels before the (3, H, W) copy is made
-    return np.require(rgb.transpose(2, 0, 1), requirements=["C", "W"])
+    image.close()  # frees the decoded pixels before a read-only array is copied
+    return np.require(rgb, requirements=["C", "W"]).transpose(2, 0, 1)
 
 
 # Transparent pixels are composited over this fixed background.

@@ -27,8 +27,10 @@ class Renderer:
         self.methods = config.explain.methods
         self.alpha = config.render.alpha
         self.signed = config.render.signed
-        self.table = render.colormap_table(config.render.colormap, device)
-        self.signed_table = render.colormap_table(config.render.signed_colormap, device)
+        self.tables = torch.stack(  # the palette's colormaps: 0 for every map, 1 for HiResCAM's when signed
+            [render.colormap_table(config.render.colormap, device)]
+            + [render.colormap_table(config.render.signed_colormap, device)] * self.signed
+        )
 
     def parts(self, result: Explanation, batch) -> Iterator[Part]:
         """The overlays of a batch (a batches.Batch) in order, in parts of at most PART_PIXELS pixels (one
@@ -36,11 +38,12 @@ class Renderer:
         is dropped from the batch's views once its overlays are drawn, so a batch of huge photos is not held
         whole."""
         targets = result.classes.shape[1]
-        normalised = []
+        positions = []
         for name in self.methods:
             signed = self.signed and name == "hirescam"
-            normalised.append((render.normalize_signed if signed else render.normalize)(result.maps[name]))
-        maps = torch.cat(normalised, 1)  # (B, methods x T, h, w): channel c is target c % T of method c // T
+            normalised = (render.normalize_signed if signed else render.normalize)(result.maps[name])
+            positions.append(render.palette_positions(normalised, signed, table=int(signed)))
+        maps = torch.cat(positions, 1)  # (B, methods x T, h, w): channel c is target c % T of method c // T
         views = batch.views
         sizes = [tuple(image.shape[1:]) for image in views.pictures]
         scale = [(w / W, h / H) for (h, w), (H, W) in zip(sizes, views.sizes, strict=True)]
@@ -57,49 +60,62 @@ class Renderer:
                 images, drawn_on = render.pad_images(own, self.device), rows
             size = (len(rows), len(channels), *images.shape[2:], 3)
             canvas = torch.empty(size, dtype=torch.uint8, device=self.device)
-            self._draw(maps, targets, rows, channels, boxes, images, canvas)
+            self._draw(maps, rows, channels, boxes, images, canvas)
             yield self.handover.part(rows, channels, targets, canvas, sizes[rows.start : rows.stop])
 
-    def _draw(self, maps, targets, rows, channels, boxes, images, canvas) -> None:
-        """Draw `channels` of the normalised maps (B, methods x targets, h, w) for images `rows` into canvas
-        (n, len(channels), H, W, 3), in bands of rows: each band's pixels are registered once for all the
-        channels, then coloured method by method."""
+    def _draw(self, maps, rows, channels, boxes, images, canvas) -> None:
+        """Draw `channels` of the maps' palette positions (B, methods x targets, h, w) for images `rows` into
+        canvas (n, len(channels), H, W, 3), in bands of rows, all channels at once."""
         maps = maps[rows.start : rows.stop, channels.start : channels.stop]
         boxes = boxes[rows.start : rows.stop]
-        spans = []  # (method, its channels' slice of the part)
-        for method in range(channels.start // targets, (channels.stop - 1) // targets + 1):
-            low, high = max(channels.start, method * targets), min(channels.stop, (method + 1) * targets)
-            spans.append((self.methods[method], slice(low - channels.start, high - channels.start)))
         height, width = images.shape[2:]
         band = max(1, RENDER_PIXELS // (len(rows) * len(channels) * width))
         for top in range(0, height, band):
-            lines = range(top, min(height, top + band))
-            resampled, inside = register(maps, boxes, lines, width)
-            under = images[:, :, lines.start : lines.stop]
-            for name, span in spans:
-                signed = self.signed and name == "hirescam"
-                table = self.signed_table if signed else self.table
-                drawn = render.overlay(resampled[:, span], under, inside, table, self.alpha, signed)
-                canvas[:, span, lines.start : lines.stop] = drawn
+            lines = slice(top, min(height, top + band))
+            positions = register(maps, boxes, range(lines.start, lines.stop), width)
+            canvas[:, :, lines] = render.overlay(positions, images[:, :, lines], self.tables, self.alpha)
 
 
-def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> tuple[Tensor, Tensor]:
+def _axis(low: Tensor, high: Tensor, pixels: Tensor, cells: int) -> tuple[Tensor, Tensor]:
+    """Along one axis: the bilinear weights (N, len(pixels), cells) of a map's cell centres at the centres of
+    `pixels` (picture pixels), where the map spans [low, high] (N,) evenly, clamped to the border cells
+    (grid_sample's bilinear, align_corners False, border padding) and zero outside the span; and whether
+    each pixel lies inside it (N, len(pixels))."""
+    at = 2 * (pixels[None] + 0.5 - low[:, None]) / (high - low)[:, None] - 1  # in the map's [-1, 1]
+    inside = at.abs() <= 1
+    where = (((at + 1) * cells - 1) / 2).clamp_(0, cells - 1)
+    below = where.floor()
+    part = (where - below).unsqueeze(-1)
+    below = below.long().unsqueeze(-1)
+    weights = torch.zeros((*at.shape, cells), device=at.device)
+    weights.scatter_add_(-1, below, 1 - part).scatter_add_(-1, (below + 1).clamp_(max=cells - 1), part)
+    return weights.mul_(inside.unsqueeze(-1)), inside
+
+
+def _axes(boxes: Tensor, rows: range, width: int, grid: tuple[int, int]):
+    """`_axis` down `rows` and across `width` columns for each crop box (N, 4) and a map grid (h, w)."""
+    x0, y0, x1, y1 = boxes.to(torch.float32).unbind(1)
+    device = boxes.device
+    ys = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)
+    xs = torch.arange(width, device=device, dtype=torch.float32)
+    return _axis(y0, y1, ys, grid[0]), _axis(x0, x1, xs, grid[1])
+
+
+def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> Tensor:
     """Resample maps (N, C, h, w) onto `rows` of (N, C, H, width) picture pixels through each crop box.
 
     `boxes` (N, 4) holds (x0, y0, x1, y1): the region of the picture, in its pixels, that the model input
-    (and so each of the image's C maps) covers. Returns the resampled maps (N, C, len(rows), width) and a
-    mask (N, len(rows), width) of the pixels inside the box; bilinear inside, nothing outside. Every pixel is
-    computed on its own, so any cut into rows, channels or images gives the same bits.
+    (and so each of the image's C maps) covers. Bilinear between cell centres inside the box (clamped to
+    the border cells), 0 outside it (see `covered`): two small batched matrix products, down then across.
+    Every pixel is a sum over the same cells in the same order, so any cut into rows, channels or images
+    gives the same bits.
     """
-    boxes = boxes.to(maps.device, torch.float32)
-    x0, y0, x1, y1 = boxes.unbind(1)
-    xs = torch.arange(width, device=maps.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(rows.start, rows.stop, device=maps.device, dtype=torch.float32) + 0.5
-    gx = 2 * (xs[None] - x0[:, None]) / (x1 - x0)[:, None] - 1  # (N, W) in the map's [-1, 1]
-    gy = 2 * (ys[None] - y0[:, None]) / (y1 - y0)[:, None] - 1  # (N, rows)
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    resampled = torch.nn.functional.grid_sample(
-        maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
-    return resampled, inside
+    boxes = boxes.to(maps.device)
+    (down, _), (across, _) = _axes(boxes, rows, width, maps.shape[2:])
+    return down[:, None] @ maps.float() @ across.transpose(1, 2)[:, None]
+
+
+def covered(boxes: Tensor, rows: range, width: int) -> Tensor:
+    """Which of `rows` x `width` picture pixels (N, len(rows), width) each crop box (N, 4) covers."""
+    (_, down), (_, across) = _axes(boxes, rows, width, (1, 1))
+    return down[:, :, None] & across[:, None, :]

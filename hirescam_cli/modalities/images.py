@@ -260,11 +260,15 @@ class Images:
         as the overlays are (bilinear, `image_overlays.register`): (N, H, W) over the largest of those
         pictures, NaN on pixels the model input does not cover; and bool (N, H, W), each picture's own
         pixels (False on the padding beyond a smaller one)."""
-        from .image_overlays import register
+        from .image_overlays import covered, register
 
         sizes = torch.tensor([views.sizes[row] for row in rows], device=maps.device).view(-1, 2)
         height, width = sizes.amax(0).tolist()
-        resampled, inside = register(maps[:, None], views.boxes[list(rows)], range(height), width)
+        boxes = views.boxes[list(rows)].to(maps.device)
+        resampled, inside = (
+            register(maps[:, None], boxes, range(height), width),
+            covered(boxes, range(height), width),
+        )
         ys = torch.arange(height, device=maps.device)[None, :, None]
         xs = torch.arange(width, device=maps.device)[None, None, :]
         pixels = (ys < sizes[:, 0, None, None]) & (xs < sizes[:, 1, None, None])
@@ -402,7 +406,8 @@ class Preprocess:
             (left + out_w) * width / resized_w,
             (top + out_h) * height / resized_h,
         )
-        tensor = TF.normalize(image.float().div_(255), list(self.mean), list(self.std), inplace=True)
+        tensor = image.to(torch.float32, memory_format=torch.contiguous_format).div_(255)  # planar, whatever
+        tensor = TF.normalize(tensor, list(self.mean), list(self.std), inplace=True)  # the picture's layout
         return tensor, box
 
 

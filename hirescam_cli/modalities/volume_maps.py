@@ -278,7 +278,8 @@ def _draw(under: Tensor, over: Tensor, mask: Tensor, size, table, alpha: float, 
     values = F.interpolate(values, size=list(size), mode="nearest-exact")
     inside = F.interpolate(inside, size=list(size), mode="nearest-exact")[:, 0] > 0.5
     grey = image.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
-    return render.overlay(values, grey, inside, table, alpha, signed)[0, 0]
+    positions = render.palette_positions(values, signed).mul_(inside[:, None])
+    return render.overlay(positions, grey, table[None], alpha)[0, 0]
 
 
 def write_text(
