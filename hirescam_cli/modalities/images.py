@@ -265,10 +265,8 @@ class Images:
         sizes = torch.tensor([views.sizes[row] for row in rows], device=maps.device).view(-1, 2)
         height, width = sizes.amax(0).tolist()
         boxes = views.boxes[list(rows)].to(maps.device)
-        resampled, inside = (
-            register(maps[:, None], boxes, range(height), width),
-            covered(boxes, range(height), width),
-        )
+        resampled = register(maps[:, None], boxes, range(height), width)
+        inside = covered(boxes, range(height), width)
         ys = torch.arange(height, device=maps.device)[None, :, None]
         xs = torch.arange(width, device=maps.device)[None, None, :]
         pixels = (ys < sizes[:, 0, None, None]) & (xs < sizes[:, 1, None, None])
@@ -406,8 +404,8 @@ class Preprocess:
             (left + out_w) * width / resized_w,
             (top + out_h) * height / resized_h,
         )
-        tensor = image.to(torch.float32, memory_format=torch.contiguous_format).div_(255)  # planar, whatever
-        tensor = TF.normalize(tensor, list(self.mean), list(self.std), inplace=True)  # the picture's layout
+        tensor = image.to(torch.float32, memory_format=torch.contiguous_format).div_(255)  # planar input
+        tensor = TF.normalize(tensor, list(self.mean), list(self.std), inplace=True)
         return tensor, box
 
 
