@@ -77,18 +77,8 @@ def pixels(tensor: torch.Tensor) -> np.ndarray:
 
 
 def test_folder_is_walked_recursively_keeping_image_extensions(tmp_path):
-    for name in [
-        "b.jpg",
-        "a.PNG",
-        "sub/c.Jpeg",
-        "sub/deep/d.webp",
-        "notes.txt",
-        "model.h5",
-        "doc.pdf",
-        "sub/.hidden.jpg",
-        ".cache/e.jpg",
-        "noext",
-    ]:
+    for name in ["b.jpg", "a.PNG", "sub/c.Jpeg", "sub/deep/d.webp", "notes.txt", "model.h5",
+                 "doc.pdf", "sub/.hidden.jpg", ".cache/e.jpg", "noext"]:
         write(tmp_path / name)
     items = discover([tmp_path])
     assert keys(items) == ["a.PNG", "b.jpg", "sub/c.Jpeg", "sub/deep/d.webp"]
@@ -165,13 +155,8 @@ def test_keys_made_equal_by_sanitising_or_case_get_suffixes(tmp_path):
     }
 
 
-@given(
-    st.lists(
-        st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\0" not in b),
-        unique=True,
-        max_size=8,
-    )
-)
+@given(st.lists(st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\0" not in b),
+                unique=True, max_size=8))
 def test_unique_keys_are_distinct_printable_and_keep_clean_names(names):
     relative = [os.fsdecode(name) for name in names if name not in (b".", b"..")]
     safe = discovery._unique_keys(relative)
@@ -381,7 +366,6 @@ def test_pixel_limit_is_checked_on_the_header_before_decoding():
     with pytest.raises(ImageError, match=message):
         decode(encode(noise(200, 100), "PNG"), 19999)
     assert decode(encode(noise(200, 100), "PNG"), 20000).shape == (3, 100, 200)
-
     # a header claiming 100000 x 100000 with a few bytes of data behind it: refused, nothing decoded
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -645,13 +629,8 @@ def test_skip_is_asked_after_hashing_and_skips_decoding(tmp_path, monkeypatch):
 def test_collate_separates_good_skipped_and_failed():
     view = PictureView((12, 14), (0.0, 1.0, 7.0, 5.5), torch.zeros(3, 6, 7, dtype=torch.uint8))
     good = [Sample(i, f"sha{i}", torch.full((3, 4, 5), float(i)), view) for i in (0, 3)]
-    samples = [
-        good[0],
-        Sample(1, "sha1", skipped=True),
-        Sample(2, error="empty file"),
-        good[1],
-        Sample(4, "sha4", error="not an image (cannot identify format)"),
-    ]
+    samples = [good[0], Sample(1, "sha1", skipped=True), Sample(2, error="empty file"), good[1],
+               Sample(4, "sha4", error="not an image (cannot identify format)")]
     batch = collate(samples)
     assert batch.indices == [0, 3] and batch.sha256 == ["sha0", "sha3"]
     assert batch.inputs.shape == (2, 3, 4, 5) and batch.inputs[1].eq(3).all()
@@ -674,19 +653,8 @@ def test_collate_refuses_mixed_input_sizes():
 
 def flatten(loaded: list[Batch]) -> list:
     """Everything a run consumes from a loader, in order, for comparison."""
-    return [
-        (
-            b.indices,
-            b.inputs.tolist(),
-            [i.tolist() for i in b.views.pictures],
-            b.views.boxes.tolist(),
-            b.views.sizes,
-            b.sha256,
-            b.skipped,
-            b.failed,
-        )
-        for b in loaded
-    ]
+    return [(b.indices, b.inputs.tolist(), [i.tolist() for i in b.views.pictures], b.views.boxes.tolist(),
+             b.views.sizes, b.sha256, b.skipped, b.failed) for b in loaded]
 
 
 def skip_f_good(item: InputItem, sha256: str) -> bool:

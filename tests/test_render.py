@@ -65,16 +65,8 @@ def test_cutting_into_images_channels_and_bands_changes_no_bit():
         whole = draw(maps, boxes, pictures, signed)
         assert whole.shape == (3, 4, 23, 37, 3) and whole.dtype == torch.uint8
         one_by_one = torch.stack(
-            [
-                torch.cat(
-                    [
-                        draw(maps[i : i + 1, c : c + 1], boxes[i : i + 1], pictures[i : i + 1], signed)
-                        for c in range(4)
-                    ],
-                    1,
-                )[0]
-                for i in range(3)
-            ]
+            [torch.cat([draw(maps[i : i + 1, c : c + 1], boxes[i : i + 1], pictures[i : i + 1], signed)
+                        for c in range(4)], 1)[0] for i in range(3)]
         )
         assert torch.equal(one_by_one, whole)
         assert torch.equal(draw(maps, boxes, pictures, signed, rows_per_band=5), whole)

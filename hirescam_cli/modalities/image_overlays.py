@@ -27,10 +27,10 @@ class Renderer:
         self.methods = config.explain.methods
         self.alpha = config.render.alpha
         self.signed = config.render.signed
-        self.tables = torch.stack(  # the palette's colormaps: 0 for every map, 1 for HiResCAM's when signed
-            [render.colormap_table(config.render.colormap, device)]
-            + [render.colormap_table(config.render.signed_colormap, device)] * self.signed
-        )
+        tables = [render.colormap_table(config.render.colormap, device)]  # the palette's colormap 0
+        if self.signed:  # and 1, HiResCAM's signed one
+            tables.append(render.colormap_table(config.render.signed_colormap, device))
+        self.tables = torch.stack(tables)
 
     def parts(self, result: Explanation, batch) -> Iterator[Part]:
         """The overlays of a batch (a batches.Batch) in order, in parts of at most PART_PIXELS pixels (one
@@ -76,29 +76,28 @@ class Renderer:
             canvas[:, :, lines] = render.overlay(positions, images[:, :, lines], self.tables, self.alpha)
 
 
-def _axis(low: Tensor, high: Tensor, pixels: Tensor, cells: int) -> tuple[Tensor, Tensor]:
-    """Along one axis: the bilinear weights (N, len(pixels), cells) of a map's cell centres at the centres of
-    `pixels` (picture pixels), where the map spans [low, high] (N,) evenly, clamped to the border cells
-    (grid_sample's bilinear, align_corners False, border padding) and zero outside the span; and whether
-    each pixel lies inside it (N, len(pixels))."""
-    at = 2 * (pixels[None] + 0.5 - low[:, None]) / (high - low)[:, None] - 1  # in the map's [-1, 1]
-    inside = at.abs() <= 1
+def _coordinates(boxes: Tensor, rows: range, width: int) -> tuple[Tensor, Tensor]:
+    """Where the centres of `rows` and of `width` columns of picture pixels lie in each crop box (N, 4), in
+    the map's [-1, 1] (grid_sample's convention): down (N, len(rows)) and across (N, width)."""
+    x0, y0, x1, y1 = boxes.to(torch.float32).unbind(1)
+    ys = torch.arange(rows.start, rows.stop, device=boxes.device, dtype=torch.float32)
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    down = 2 * (ys[None] + 0.5 - y0[:, None]) / (y1 - y0)[:, None] - 1
+    across = 2 * (xs[None] + 0.5 - x0[:, None]) / (x1 - x0)[:, None] - 1
+    return down, across
+
+
+def _weights(at: Tensor, cells: int) -> Tensor:
+    """The bilinear weights (N, P, cells) of a map's cell centres at coordinates `at` (N, P) in [-1, 1],
+    clamped to the border cells (grid_sample's bilinear, align_corners False, border padding), and zero
+    outside [-1, 1]."""
     where = (((at + 1) * cells - 1) / 2).clamp_(0, cells - 1)
     below = where.floor()
     part = (where - below).unsqueeze(-1)
     below = below.long().unsqueeze(-1)
     weights = torch.zeros((*at.shape, cells), device=at.device)
     weights.scatter_add_(-1, below, 1 - part).scatter_add_(-1, (below + 1).clamp_(max=cells - 1), part)
-    return weights.mul_(inside.unsqueeze(-1)), inside
-
-
-def _axes(boxes: Tensor, rows: range, width: int, grid: tuple[int, int]):
-    """`_axis` down `rows` and across `width` columns for each crop box (N, 4) and a map grid (h, w)."""
-    x0, y0, x1, y1 = boxes.to(torch.float32).unbind(1)
-    device = boxes.device
-    ys = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)
-    xs = torch.arange(width, device=device, dtype=torch.float32)
-    return _axis(y0, y1, ys, grid[0]), _axis(x0, x1, xs, grid[1])
+    return weights.mul_((at.abs() <= 1).unsqueeze(-1))
 
 
 def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> Tensor:
@@ -110,12 +109,12 @@ def register(maps: Tensor, boxes: Tensor, rows: range, width: int) -> Tensor:
     Every pixel is a sum over the same cells in the same order, so any cut into rows, channels or images
     gives the same bits.
     """
-    boxes = boxes.to(maps.device)
-    (down, _), (across, _) = _axes(boxes, rows, width, maps.shape[2:])
-    return down[:, None] @ maps.float() @ across.transpose(1, 2)[:, None]
+    down, across = _coordinates(boxes.to(maps.device), rows, width)
+    h, w = maps.shape[2:]
+    return _weights(down, h)[:, None] @ maps.float() @ _weights(across, w).transpose(1, 2)[:, None]
 
 
 def covered(boxes: Tensor, rows: range, width: int) -> Tensor:
     """Which of `rows` x `width` picture pixels (N, len(rows), width) each crop box (N, 4) covers."""
-    (_, down), (_, across) = _axes(boxes, rows, width, (1, 1))
-    return down[:, :, None] & across[:, None, :]
+    down, across = _coordinates(boxes, rows, width)
+    return (down.abs() <= 1)[:, :, None] & (across.abs() <= 1)[:, None, :]
