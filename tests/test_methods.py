@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from determinism import noise, seeded
+from determinism import assert_close_scaled, noise, seeded
 from torch import nn
 
 from hirescam_cli import METHODS, Explainer
+from hirescam_cli.engine import head
 from hirescam_cli.render import normalize
 
 RTOL, ATOL = 1e-5, 1e-4
@@ -104,6 +105,50 @@ def test_p1_guarantee_off_for_nonlinear_head():
         head = nn.Sequential(nn.Flatten(), nn.Linear(96, 16), nn.ReLU(), nn.Linear(16, 5))
     result = explain(Split(conv_features(), head), X, 0)
     assert not result.guarantee
+
+
+class BatchFromInput(nn.Module):
+    """An affine head that reshapes the layer's output by the input's batch size: a larger batch after the
+    layer cannot pass it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.head = conv_features(), flatten_fc()
+
+    def forward(self, x):
+        return self.head[1](self.features(x).reshape(x.shape[0], -1))
+
+
+def batch_statistics_head() -> nn.Module:
+    """Normalised by the batch's statistics even in eval mode: a larger batch after the layer changes
+    every row's logits."""
+    return nn.Sequential(nn.BatchNorm2d(6, track_running_stats=False), flatten_fc())
+
+
+@pytest.mark.parametrize(
+    ("model", "expanded", "affine"),
+    [
+        (Split(conv_features(), flatten_fc()), True, True),
+        (BatchFromInput(), False, True),
+        (Split(conv_features(), batch_statistics_head()), False, False),
+    ],
+    ids=["split", "batch-from-input", "batch-statistics"],
+)
+def test_p1_head_probe_runs_the_layers_below_once_where_a_larger_batch_gives_the_same_logits(
+    model, expanded, affine, monkeypatch
+):
+    """The probe hands the rest of the network its activations as one larger batch where that reproduces
+    the input's own logits, else repeats the input; either way it finds the same head."""
+    found = []
+    real = head._expanded
+    monkeypatch.setattr(head, "_expanded", lambda *args: found.append(real(*args)) or found[-1])
+    result = explain(model, X, [0, 1])
+    monkeypatch.setattr(head, "_expanded", lambda *args: None)
+    repeated = explain(model, X, [0, 1])
+    assert len(found) == 1 and (found[0] is not None) == expanded
+    assert result.guarantee == repeated.guarantee == affine
+    assert_close_scaled(result.baseline, repeated.baseline)
+    assert_close_scaled(result.completeness_gap, repeated.completeness_gap)
 
 
 def test_p2_locality_hirescam_zero_where_the_model_looks_away():
