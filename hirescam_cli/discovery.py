@@ -2,12 +2,15 @@
 
 The catalogue lives in a temporary SQLite file, which sorts and de-duplicates on disk: memory stays flat
 however many inputs there are (a million paths are tens of MB of file, not a gigabyte of Python lists).
-Walks stream their folders' entries straight into it.
+Walks stream their folders' entries straight into it. On Linux the process that builds it holds an flock
+on it while it lives, so a run killed before it could remove its file (SIGKILL, the OOM killer) leaves one
+that the next run removes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import functools
 import glob
@@ -20,6 +23,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import unicodedata
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -32,6 +36,9 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 _CHUNK = 10_000  # rows per SQLite round trip
+_PREFIX, _SUFFIX = "hirescam-inputs-", ".sqlite"  # a catalogue file's name in the temporary folder
+_HELD = sys.platform.startswith("linux")  # there flock and SQLite's own (fcntl) locks never interact
+_ABANDONED_AFTER = 60  # seconds: an older catalogue file that no process holds was left by a killed run
 
 
 class InputError(UsageError):
@@ -59,11 +66,11 @@ class Catalogue(Sequence[InputItem]):
     The process that built it removes the file on close (or at exit); copies in other processes never do.
     """
 
-    def __init__(self, path: str, count: int, digest: str):
+    def __init__(self, path: str, count: int, digest: str, held: int):
         self.path, self.count, self.digest = path, count, digest
         self._owner = os.getpid()
         self._local = threading.local()
-        self._finalizer = weakref.finalize(self, _remove_owned, path, self._owner)
+        self._finalizer = weakref.finalize(self, _remove_owned, path, self._owner, held)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "count": self.count, "digest": self.digest, "owner": self._owner}
@@ -116,10 +123,49 @@ def _item(path: bytes, key: str, members: bytes | None) -> InputItem:
     return InputItem(Path(os.fsdecode(path)), key, files)
 
 
-def _remove_owned(path: str, owner: int) -> None:
+def _remove_owned(path: str, owner: int, held: int) -> None:
+    """Remove the file and close the descriptor holding it, in the process that built it."""
     if os.getpid() == owner:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        os.close(held)
+
+
+def _new_file() -> tuple[int, str]:
+    """A new catalogue file, held (on Linux) while this process or a child it forked lives; first removes
+    the ones that killed runs left."""
+    folder = tempfile.gettempdir()
+    if _HELD:
+        _remove_abandoned(folder)
+    fd, path = tempfile.mkstemp(prefix=_PREFIX, suffix=_SUFFIX, dir=folder)
+    if _HELD:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd, path
+
+
+def _remove_abandoned(folder: str) -> None:
+    """Remove the catalogue files in `folder` that no process holds, unless just made (not held yet)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not (entry.name.startswith(_PREFIX) and entry.name.endswith(_SUFFIX)):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < _ABANDONED_AFTER:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone already, or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+        except OSError:  # held by a live run, or not this user's to remove
+            pass
+        finally:
+            os.close(fd)
 
 
 def read_list(source: str) -> Iterator[str]:
@@ -187,8 +233,7 @@ def catalogue(
     """
     if not inputs and listed is None:
         raise InputError("no inputs given")
-    fd, path = tempfile.mkstemp(prefix="hirescam-inputs-", suffix=".sqlite")
-    os.close(fd)
+    held, path = _new_file()
     try:
         db = sqlite3.connect(path)
         with contextlib.closing(db):
@@ -204,9 +249,9 @@ def catalogue(
                 raise InputError(f"no inputs found in {', '.join(_printable(os.fspath(i)) for i in inputs)}")
             db.commit()
     except BaseException:
-        _remove_owned(path, os.getpid())
+        _remove_owned(path, os.getpid(), held)
         raise
-    return Catalogue(path, count, digest)
+    return Catalogue(path, count, digest, held)
 
 
 def _collect(

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -299,6 +300,47 @@ def test_catalogue_is_sorted_deduplicated_and_read_by_workers(tmp_path):
         assert [i for b in batches for i in b.indices] == list(range(8))
         path = found.path
     assert not os.path.exists(path)  # the file goes with the catalogue
+
+
+BUILDS_A_CATALOGUE = (
+    "import os, signal, sys\n"
+    "from hirescam_cli.discovery import catalogue\n"
+    "found = catalogue([sys.argv[1]])\n"
+    "print(found.path, flush=True)\n"
+)
+
+
+def test_the_catalogue_a_killed_run_left_is_removed_by_the_next_and_a_live_runs_never(tmp_path, monkeypatch):
+    """A run killed before it could remove its catalogue file (SIGKILL) leaves it behind; the next run
+    removes it, never one that a live process holds, nor one just made."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    folder(tmp_path / "images", 2)
+
+    def start(then: str) -> subprocess.Popen:
+        command = [sys.executable, "-c", BUILDS_A_CATALOGUE + then, tmp_path / "images"]
+        env = {**os.environ, "TMPDIR": str(temp)}
+        return subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    killed, live = start("os.kill(os.getpid(), signal.SIGKILL)"), start("sys.stdin.read()")
+    try:
+        left = Path(killed.communicate(timeout=TIMEOUT)[0].strip())
+        held = Path(live.stdout.readline().strip())
+        assert killed.returncode == -signal.SIGKILL and left.exists() and held.exists()
+        fresh = temp / "hirescam-inputs-fresh.sqlite"
+        fresh.touch()
+        old = time.time() - 3600
+        for path in (left, held):
+            os.utime(path, (old, old))
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        with catalogue([tmp_path / "images"]) as found:
+            assert len(found) == 2
+            assert not left.exists() and held.exists() and fresh.exists()
+            own = Path(found.path)
+        assert not own.exists()
+    finally:
+        live.communicate("", timeout=TIMEOUT)
+    assert live.returncode == 0 and not held.exists()  # the live run removed its own at exit
 
 
 def test_extreme_aspect_ratios_are_refused_before_decoding():
