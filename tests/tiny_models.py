@@ -47,9 +47,9 @@ def slow_net() -> nn.Module:
 
 
 class _Gated(nn.Module):
-    """Wraps a model; from its third forward over several inputs (the first is the explainer's setup probe,
-    the second the first batch), waits while the file named by $HIRESCAM_TEST_GATE exists, so a test can
-    hold a run midway."""
+    """Wraps a model; from its second forward over several inputs (the first is the first batch: the
+    explainer's setup probes each run on one input), waits while the file named by $HIRESCAM_TEST_GATE
+    exists, so a test can hold a run midway."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -61,7 +61,7 @@ class _Gated(nn.Module):
 
         self.batches += x.shape[0] > 1
         gate = os.environ.get("HIRESCAM_TEST_GATE")
-        while self.batches > 2 and gate and os.path.exists(gate):
+        while self.batches > 1 and gate and os.path.exists(gate):
             time.sleep(0.02)
         return self.model(x)
 
