@@ -195,11 +195,16 @@ class OutputDir:
         Without an atomic exchange the old folder is moved aside first: a kill between that rename and the
         next leaves no folder at all (the input is then not done, and the next run redoes it), never a mix.
         The parent may be replaced meanwhile (an input whose key this one extends, swapping its own set):
-        the rename then finds a removed folder, and is tried again in the new one.
+        making it or the rename then finds a removed folder, and both are tried again in the new one.
         """
         replaced = []
         for _ in range(COMMIT_TRIES):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # it was there, and a swap moved it aside before mkdir could see a folder
+                if _is_other_than_folder(target.parent):
+                    raise
+                continue
             try:
                 os.rename(staging, target)  # no folder there (or an empty one)
                 return replaced

@@ -291,6 +291,30 @@ def test_the_swap_replaces_the_whole_folder(tmp_path, exchange):
     assert not outputs.temp_root(tmp_path / "out").exists()
 
 
+def test_an_inner_set_is_put_in_place_while_the_outer_one_is_moved_aside(tmp_path, monkeypatch):
+    """Without an atomic exchange, redoing OUT/k moves it aside first; an input whose key extends k that
+    makes the folder k just then (mkdir sees it, then it is gone) makes it again and puts its set there."""
+    out = OutputDir(tmp_path / "out")
+    out.atomic_exchange = False
+    write_image(out, "k", *image_set(*OLD))
+    write_image(out, "k/b", *image_set(*OLD, key="k/b"))
+    outer, aside, real_mkdir = (tmp_path / "out/k").resolve(), tmp_path / "aside", os.mkdir
+    moved = []
+
+    def outer_swap_meanwhile(path, *args, **kwargs):
+        if Path(path) == outer and not moved:
+            moved.append(os.rename(outer, aside))  # the outer input's first step
+            raise FileExistsError(errno.EEXIST, "File exists", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", outer_swap_meanwhile)
+    write_image(out, "k/b", *image_set(*NEW, key="k/b"))
+    version = lambda folder: json.loads((folder / "summary.json").read_text())["version"]  # noqa: E731
+    assert moved and version(aside) == 1 and version(outer / "b") == 2
+    assert (np.asarray(Image.open(outer / "b" / "gradcam-2.png")) == 2).all()
+    out.close()
+
+
 def test_a_failed_write_leaves_the_old_set(tmp_path, monkeypatch):
     out = OutputDir(tmp_path / "out")
     write_image(out, "k", *image_set(*OLD))
