@@ -22,7 +22,6 @@ from hirescam_cli.report.gallery import PAGE_SIZE
 # markup as the browser serialises it, whitespace between tags aside (the HTML and the script's cards)
 NORMALISE = "h => h.replace(/>\\s+</g, '><').replace(/\\s+/g, ' ').replace(/ hidden=\"\"/g, '').trim()"
 CHROMIUM = os.environ.get("HIRESCAM_CHROMIUM", "/usr/bin/chromium")
-LOAD_SECONDS = 30  # the longest an image of a page may take to load before it counts as broken
 
 
 @pytest.fixture(scope="module")
@@ -75,36 +74,17 @@ class Page:
         return [int(i) for i in self.page.eval_on_selector_all("li.card", "cs => cs.map(c => c.dataset.i)")]
 
     def all_images_load(self) -> list[str]:
-        """Each image of the page that does not load and decode, as "why: src" (lazy ones are made eager).
-
-        An image that fails is loaded once more before it counts: a broken file fails again, while a load
-        the browser dropped on a busy machine (seen once in CI: 35 thumbnails of files that were there)
-        does not. Each wait ends after LOAD_SECONDS.
-        """
+        """The src of every image of the page that does not decode (lazy ones are loaded first)."""
         return self.page.evaluate(
-            """async (seconds) => {
-                const loaded = (img) => img.complete ? Promise.resolve() : new Promise((resolve) => {
-                    img.addEventListener("load", resolve, { once: true });
-                    img.addEventListener("error", resolve, { once: true });
-                    setTimeout(resolve, seconds * 1000);
-                });
-                const fine = async (img) => {
-                    img.loading = "eager";
-                    await loaded(img);
-                    try { await img.decode(); } catch (e) {}
-                    return img.complete && img.naturalWidth > 0;
-                };
-                const failed = [];
-                for (const img of document.querySelectorAll("img")) if (!(await fine(img))) failed.push(img);
+            """async () => {
                 const bad = [];
-                for (const img of failed) {
-                    const src = img.getAttribute("src");
-                    img.src = src;  // loads it again
-                    if (!(await fine(img))) bad.push((img.complete ? "broken: " : "still loading: ") + src);
+                for (const img of document.querySelectorAll("img")) {
+                    img.loading = "eager";
+                    try { await img.decode(); } catch (e) {}
+                    if (!(img.complete && img.naturalWidth > 0)) bad.push(img.getAttribute("src"));
                 }
                 return bad;
-            }""",
-            LOAD_SECONDS,
+            }"""
         )
 
     def close(self) -> None:
