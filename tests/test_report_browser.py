@@ -58,11 +58,18 @@ class Page:
         self.dialogs: list[str] = []
         self.page.on("console", lambda m: m.type in ("error", "warning") and self.problems.append(m.text))
         self.page.on("pageerror", lambda e: self.problems.append(str(e)))
-        self.page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url}"))
+        self.page.on("requestfailed", self._request_failed)
         self.page.on("dialog", self._dialog)
         self.page.goto(url)
         if javascript and url.endswith("index.html"):
             self.page.wait_for_selector("html[data-ready]")
+
+    def _request_failed(self, request) -> None:
+        """A failed load is a problem, but not one the browser aborted because the page no longer needs
+        it (its cards were redrawn, or the page reloaded, while thumbnails were loading: on a busy machine
+        many are in flight then); an image the page still shows that never loaded fails all_images_load."""
+        if request.failure != "net::ERR_ABORTED":
+            self.problems.append(f"failed ({request.failure}): {request.url}")
 
     def _dialog(self, dialog) -> None:
         self.dialogs.append(dialog.message)
