@@ -109,6 +109,12 @@ class Capture:
         (grad,) = torch.autograd.grad(scores, leaf, seeds, is_grads_batched=True)
         return grad.movedim(0, 1)
 
+    def gives_the_same_logits(self, logits: Tensor, plain: Tensor) -> bool:
+        """Whether `logits`, of a larger batch the target layer handed on, are the `plain` forward's to
+        rounding (mixed precision's larger): the check of occlusion's and the head probe's larger batch."""
+        tol = (2e-2 if self.amp else 1e-3) * float(plain.abs().max()) + 1e-5
+        return float((logits - plain.to(logits)).abs().max()) <= tol
+
     def called_twice_message(self, traced: list[layers.LayerInfo], calls: int) -> str:
         parent = layers.enclosing_once(traced, self.target_layer)
         fix = f"use {parent!r}, which runs once" if parent else "choose a module that runs once"
